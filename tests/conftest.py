@@ -1,0 +1,25 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pathlib
+
+import pytest
+import torch
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TINY_SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+
+
+@pytest.fixture
+def tiny_shakespeare() -> pathlib.Path:
+    if not TINY_SHAKESPEARE.exists():
+        pytest.skip(f"{TINY_SHAKESPEARE} not present")
+    return TINY_SHAKESPEARE
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
