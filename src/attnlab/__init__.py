@@ -3,8 +3,12 @@ compare it, train it."""
 
 from attnlab.attention import (
     CausalAttention,
+    GroupedQueryAttention,
+    KVCache,
+    LatentKVCache,
     MultiHeadAttention,
     MultiHeadAttentionWrapper,
+    RotaryEmbedding,
     SelfAttentionV1,
     SelfAttentionV2,
     record_attention,
@@ -22,6 +26,10 @@ __all__ = [
     "MultiHeadAttentionWrapper",
     "MultiHeadAttention",
     "record_attention",
+    "GroupedQueryAttention",
+    "RotaryEmbedding",
+    "KVCache",
+    "LatentKVCache",
     "UserError",
     "ConfigError",
     "InputTypeError",

@@ -1,5 +1,7 @@
 """Attention modules: the lecture path, the kernel, and recording of per-head weights."""
 
+from attnlab.attention.cache import KVCache, LatentKVCache
+from attnlab.attention.gqa import GroupedQueryAttention
 from attnlab.attention.kernel import attend, causal_mask
 from attnlab.attention.lecture import (
     CausalAttention,
@@ -10,6 +12,7 @@ from attnlab.attention.lecture import (
     simple_self_attention,
 )
 from attnlab.attention.record import Recording, RecordsAttention, record_attention
+from attnlab.attention.rope import RotaryEmbedding, apply_rope
 
 __all__ = [
     "attend",
@@ -23,4 +26,9 @@ __all__ = [
     "Recording",
     "RecordsAttention",
     "record_attention",
+    "GroupedQueryAttention",
+    "RotaryEmbedding",
+    "apply_rope",
+    "KVCache",
+    "LatentKVCache",
 ]

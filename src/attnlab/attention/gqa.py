@@ -1,0 +1,83 @@
+"""Grouped-query attention: one class for MHA, GQA and MQA.
+
+Queries keep ``n_heads`` heads; keys and values have only ``n_kv_heads``, each shared by a group
+of ``n_heads // n_kv_heads`` query heads. n_kv_heads == n_heads is classic multi-head attention,
+n_kv_heads == 1 is multi-query attention. Fewer K/V heads shrink the KV cache by the group size.
+The kernel attends grouped heads without materialising repeated K/V.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from attnlab import _checks
+from attnlab.attention.cache import KVCache
+from attnlab.attention.record import RecordsAttention
+from attnlab.attention.rope import RotaryEmbedding
+from attnlab.errors import ConfigError, InputTypeError
+
+
+class GroupedQueryAttention(RecordsAttention, nn.Module):
+    """Causal (by default) attention with ``n_kv_heads`` K/V heads, optional RoPE and a KV cache.
+
+    ``dropout`` drops attention weights in training. ``scale`` defaults to 1/sqrt(head_dim).
+    """
+
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int | None = None, *, head_dim: int | None = None,
+                 qkv_bias: bool = False, out_bias: bool = False, dropout: float = 0.0, causal: bool = True,
+                 rope: bool = False, rope_theta: float = 10000.0, rope_interleave: bool = False,
+                 scale: float | None = None):
+        super().__init__()
+        _checks.positive_int("d_model", d_model)
+        _checks.positive_int("n_heads", n_heads)
+        n_kv_heads = n_heads if n_kv_heads is None else _checks.positive_int("n_kv_heads", n_kv_heads)
+        _checks.divisible("n_heads", n_heads, "n_kv_heads", n_kv_heads)
+        if head_dim is None:
+            _checks.divisible("d_model", d_model, "n_heads", n_heads)
+            head_dim = d_model // n_heads
+        _checks.positive_int("head_dim", head_dim)
+        self.dropout = _checks.dropout_prob(dropout)
+        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale <= 0):
+            raise ConfigError(f"scale={scale!r} is not allowed: expected a positive number or None")
+        self.d_model, self.n_heads, self.n_kv_heads, self.head_dim = d_model, n_heads, n_kv_heads, head_dim
+        self.causal, self.scale = bool(causal), scale
+        self.q_proj = nn.Linear(d_model, n_heads * head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=out_bias)
+        self.rope = RotaryEmbedding(head_dim, rope_theta, rope_interleave) if rope else None
+
+    def new_cache(self, batch_size: int, max_len: int, *, dtype=None, device=None) -> KVCache:
+        """A KV cache for this layer: n_kv_heads heads of head_dim, the module's dtype/device by default."""
+        weight = self.k_proj.weight
+        return KVCache(batch_size, self.n_kv_heads, max_len, self.head_dim,
+                       dtype=dtype or weight.dtype, device=device or weight.device)
+
+    def forward(self, x: torch.Tensor, *, cache: KVCache | None = None, positions: torch.Tensor | None = None,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, d_model) -> (B, T, d_model). With a cache, x holds only the new tokens and
+        attends to every cached one; positions default to cache.length + arange(T)."""
+        _checks.input_tensor(x, self.d_model)
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        if self.rope is not None:
+            if positions is None:
+                start = cache.length if cache is not None else 0
+                positions = torch.arange(start, start + T, device=x.device)
+            q, k = self.rope(q, positions), self.rope(k, positions)
+        if cache is not None:
+            k, v = cache.update(k, v)  # (B, nkv, T_total, hs): past tokens, then these
+        if attn_mask is not None and (not isinstance(attn_mask, torch.Tensor) or attn_mask.dtype != torch.bool):
+            shown = attn_mask.dtype if isinstance(attn_mask, torch.Tensor) else type(attn_mask).__name__
+            raise InputTypeError(f"attn_mask must be a bool tensor (True = may attend), got {shown}")
+        dropout_p = self.dropout if self.training else 0.0
+        y = self._attend(q, k, v, causal=self.causal, mask=attn_mask, dropout_p=dropout_p, scale=self.scale)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # re-assemble all heads side by side
+        return self.o_proj(y)
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}, "
+                f"head_dim={self.head_dim}, causal={self.causal}")
