@@ -11,6 +11,7 @@ from attnlab.attention.lecture import (
     SelfAttentionV2,
     simple_self_attention,
 )
+from attnlab.attention.mla import MultiHeadLatentAttention
 from attnlab.attention.record import Recording, RecordsAttention, record_attention
 from attnlab.attention.rope import RotaryEmbedding, apply_rope
 
@@ -27,6 +28,7 @@ __all__ = [
     "RecordsAttention",
     "record_attention",
     "GroupedQueryAttention",
+    "MultiHeadLatentAttention",
     "RotaryEmbedding",
     "apply_rope",
     "KVCache",
