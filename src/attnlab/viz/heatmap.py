@@ -1,0 +1,137 @@
+"""Attention heatmaps as PNG: every layer × head in one grid, or one head large with its numbers.
+
+Rows are queries (the token attending, "from"), columns are keys ("to"); each row sums to 1.
+Figures are built with ``matplotlib.figure.Figure`` (no pyplot), so nothing global changes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from attnlab.errors import ConfigError, InputTypeError
+
+
+def attention_stack(tokens, weights) -> np.ndarray:
+    """Check tokens + per-layer weights and return one float array (layers, heads, T, T).
+
+    weights: a list with one tensor per layer, each (1, heads, T, T) or (heads, T, T), as
+    ``record_attention(...).weights`` gives for a single sequence.
+    """
+    if not isinstance(tokens, (list, tuple)) or not all(isinstance(t, str) for t in tokens):
+        raise InputTypeError(f"tokens must be a list of str, got {type(tokens).__name__}")
+    if len(tokens) == 0:
+        raise ConfigError("tokens=[] is not allowed: expected at least one token")
+    if isinstance(weights, torch.Tensor) or not isinstance(weights, (list, tuple)) or not weights:
+        raise InputTypeError(
+            f"weights must be a non-empty list of per-layer tensors (1, heads, T, T), got {type(weights).__name__}"
+        )
+    layers = []
+    for i, w in enumerate(weights):
+        if not isinstance(w, torch.Tensor):
+            raise InputTypeError(f"weights[{i}] must be a torch.Tensor, got {type(w).__name__}")
+        shape = tuple(w.shape)
+        if w.dim() == 4 and w.size(0) == 1:
+            w = w[0]
+        if w.dim() != 3 or w.shape[-2:] != (len(tokens), len(tokens)):
+            raise ConfigError(
+                f"weights[{i}] has shape {shape}: expected (1, heads, {len(tokens)}, {len(tokens)}) "
+                f"for {len(tokens)} tokens"
+            )
+        if layers and w.size(0) != layers[0].shape[0]:
+            raise ConfigError(
+                f"weights[{i}] has {w.size(0)} heads but weights[0] has {layers[0].shape[0]}: "
+                "every layer must have the same number of heads"
+            )
+        layers.append(w.detach().float().cpu().numpy())
+    return np.stack(layers)
+
+
+def _figure_class():
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as err:
+        raise ConfigError(
+            "PNG output needs matplotlib, which is not installed: run `pip install 'attnlab[viz]'`"
+        ) from err
+    return Figure
+
+
+def _short(token: str, width: int = 12) -> str:
+    token = token.replace("\n", "\\n")
+    return token if len(token) <= width else token[: width - 1] + "…"
+
+
+def plot_grid(tokens, weights, *, title: str | None = None):
+    """Every layer (rows) × head (columns) as small heatmaps, token labels on the outer axes."""
+    stack = attention_stack(tokens, weights)
+    n_layers, n_heads, seq, _ = stack.shape
+    cell = 1.25 if seq <= 16 else 1.6
+    label_room = 0.09 * max(len(_short(t)) for t in tokens) + 0.6
+    Figure = _figure_class()
+    fig = Figure(
+        figsize=(n_heads * cell + label_room + 0.4, n_layers * cell + label_room + 0.9),
+        layout="constrained",
+    )
+    axes = fig.subplots(n_layers, n_heads, squeeze=False, sharex=True, sharey=True)
+    labels = [_short(t) for t in tokens]
+    fontsize = 7 if seq <= 16 else 5
+    for layer in range(n_layers):
+        for head in range(n_heads):
+            ax = axes[layer, head]
+            image = ax.imshow(stack[layer, head], cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
+            ax.set_xticks(range(seq))
+            ax.set_yticks(range(seq))
+            ax.tick_params(length=0, labelsize=fontsize)
+            if layer == 0:
+                ax.set_title(f"head {head}", fontsize=9)
+            if head == 0:
+                ax.set_ylabel(f"layer {layer}", fontsize=9)
+                ax.set_yticklabels(labels)
+            if layer == n_layers - 1:
+                ax.set_xticklabels(labels, rotation=90)
+    fig.colorbar(image, ax=axes, shrink=min(0.8, 3.0 / n_layers + 0.2), label="attention weight")
+    fig.suptitle(title or "attention: rows attend (from) → columns (to)", fontsize=12)
+    return fig
+
+
+def plot_head(tokens, weights, layer: int, head: int, *, title: str | None = None):
+    """One head, large: token labels on both axes, the weights written in the cells when they fit."""
+    stack = attention_stack(tokens, weights)
+    n_layers, n_heads, seq, _ = stack.shape
+    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n_layers:
+        raise ConfigError(f"layer={layer!r} is not allowed: expected 0..{n_layers - 1}")
+    if isinstance(head, bool) or not isinstance(head, int) or not 0 <= head < n_heads:
+        raise ConfigError(f"head={head!r} is not allowed: expected 0..{n_heads - 1}")
+    w = stack[layer, head]
+    side = max(4.0, 0.42 * seq + 2.0)
+    Figure = _figure_class()
+    fig = Figure(figsize=(side + 1.2, side), layout="constrained")
+    ax = fig.subplots()
+    image = ax.imshow(w, cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
+    labels = [_short(t, 16) for t in tokens]
+    ax.set_xticks(range(seq), labels, rotation=90)
+    ax.set_yticks(range(seq), labels)
+    ax.tick_params(length=0, labelsize=9)
+    ax.set_xlabel("key (attended to)")
+    ax.set_ylabel("query (attending from)")
+    if seq <= 24:
+        for i in range(seq):
+            for j in range(seq):
+                ax.text(j, i, f"{w[i, j]:.2f}".lstrip("0"), ha="center", va="center", fontsize=7,
+                        color="black" if w[i, j] > 0.6 else "white")
+    fig.colorbar(image, ax=ax, shrink=0.8, label="attention weight")
+    ax.set_title(title or f"layer {layer} · head {head}")
+    return fig
+
+
+def save_png(fig, path, *, overwrite: bool = False, dpi: int = 110) -> Path:
+    """Write a figure to ``path`` (refusing to replace a file unless ``overwrite``)."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise ConfigError(f"{path} already exists: pass overwrite=True (CLI: --overwrite) to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    return path
