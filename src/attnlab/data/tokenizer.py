@@ -1,0 +1,158 @@
+"""Tokenizers: character level (the corpus's own characters) and byte-level BPE (HF tokenizers),
+both saved as one ``tokenizer.json`` next to a checkpoint and read back by :func:`load_tokenizer`."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from attnlab._checks import one_of, positive_int
+from attnlab.data.corpus import atomic_output
+from attnlab.errors import ConfigError, InputTypeError
+
+ENDOFTEXT = "<|endoftext|>"
+
+
+def _check_text(text) -> None:
+    if not isinstance(text, str):
+        raise InputTypeError(f"text must be a str, got {type(text).__name__}")
+
+
+def _check_ids(ids, vocab_size: int) -> list[int]:
+    ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
+    bad = [i for i in ids if not isinstance(i, int) or not 0 <= i < vocab_size]
+    if bad:
+        raise ConfigError(f"ids contain {bad[:5]!r}: expected integers in [0, {vocab_size})")
+    return ids
+
+
+class CharTokenizer:
+    """One id per character, ids in sorted character order (as nanoGPT's shakespeare_char)."""
+
+    def __init__(self, chars):
+        chars = list(chars)
+        if not chars or len(set(chars)) != len(chars) or any(len(c) != 1 for c in chars):
+            raise ConfigError(f"chars={''.join(map(str, chars))[:40]!r}: expected a non-empty set of distinct single characters")
+        self.chars = chars
+        self.stoi = {c: i for i, c in enumerate(chars)}
+        self._lut = np.full(max(map(ord, chars)) + 1, -1, dtype=np.int64)
+        self._lut[[ord(c) for c in chars]] = np.arange(len(chars))
+
+    @classmethod
+    def from_text(cls, text: str) -> "CharTokenizer":
+        _check_text(text)
+        return cls(sorted(set(text)))
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.chars)
+
+    def _unknown(self, text: str) -> ConfigError:
+        unknown = sorted({c for c in text if c not in self.stoi})
+        shown = ", ".join(f"{c!r} (U+{ord(c):04X}, first at index {text.index(c)})" for c in unknown[:5])
+        more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+        return ConfigError(
+            f"text has {len(unknown)} character(s) the character tokenizer does not know: {shown}{more}; "
+            f"it knows only the {self.vocab_size} characters of its training corpus"
+        )
+
+    def encode_array(self, text: str) -> np.ndarray:
+        """Vectorised :meth:`encode`: int64 ids of every character of ``text``."""
+        _check_text(text)
+        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.int64)
+        ids = self._lut[np.minimum(codes, len(self._lut) - 1)]
+        if (ids < 0).any() or (codes >= len(self._lut)).any():
+            raise self._unknown(text)
+        return ids
+
+    def encode(self, text: str) -> list[int]:
+        return self.encode_array(text).tolist()
+
+    def decode(self, ids) -> str:
+        return "".join(self.chars[i] for i in _check_ids(ids, self.vocab_size))
+
+    def save(self, path: str | os.PathLike) -> None:
+        with atomic_output(path) as tmp:
+            tmp.write_text(json.dumps({"type": "char", "chars": "".join(self.chars)}, ensure_ascii=False), encoding="utf-8")
+
+
+class BPETokenizer:
+    """Byte-level BPE (GPT-2 style, via HF ``tokenizers``): any text encodes, nothing is unknown."""
+
+    def __init__(self, tokenizer):
+        self._tok = tokenizer
+
+    @classmethod
+    def train(cls, text: str, vocab_size: int = 2048, min_frequency: int = 2) -> "BPETokenizer":
+        """Learn merges on ``text`` until ``vocab_size`` tokens (256 bytes + <|endoftext|> + merges)."""
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+        _check_text(text)
+        positive_int("vocab_size", vocab_size)
+        if vocab_size < 257:
+            raise ConfigError(f"vocab_size={vocab_size} is not allowed: byte-level BPE needs at least 257 (256 bytes + {ENDOFTEXT})")
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=[ENDOFTEXT],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        )
+        chunk = 1 << 16
+        tok.train_from_iterator((text[i:i + chunk] for i in range(0, len(text), chunk)), trainer=trainer)
+        return cls(tok)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        _check_text(text)
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_array(self, text: str) -> np.ndarray:
+        return np.asarray(self.encode(text), dtype=np.int64)
+
+    def decode(self, ids) -> str:
+        return self._tok.decode(_check_ids(ids, self.vocab_size), skip_special_tokens=False)
+
+    def save(self, path: str | os.PathLike) -> None:
+        with atomic_output(path) as tmp:
+            tmp.write_text(self._tok.to_str(), encoding="utf-8")
+
+
+def train_tokenizer(kind: str, text: str, vocab_size: int | None = None):
+    """A tokenizer for ``text``: ``"char"`` (vocab = its characters) or ``"bpe"`` (vocab_size, default 2048)."""
+    one_of("tokenizer", kind, ("char", "bpe"))
+    if kind == "char":
+        if vocab_size is not None:
+            raise ConfigError(f"vocab_size={vocab_size} is not allowed with tokenizer='char': its vocabulary is the corpus's characters")
+        return CharTokenizer.from_text(text)
+    return BPETokenizer.train(text, vocab_size=2048 if vocab_size is None else vocab_size)
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """A tokenizer saved by ``.save``; ``path`` may be the tokenizer.json file or its folder."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "tokenizer.json"
+    if not path.is_file():
+        raise ConfigError(f"tokenizer file {str(path)!r} does not exist")
+    raw = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(raw)
+    except ValueError as err:
+        raise ConfigError(f"tokenizer file {str(path)!r} is not valid JSON: {err}") from None
+    if isinstance(data, dict) and data.get("type") == "char" and isinstance(data.get("chars"), str):
+        return CharTokenizer(data["chars"])
+    if isinstance(data, dict) and "model" in data:
+        from tokenizers import Tokenizer
+
+        try:
+            return BPETokenizer(Tokenizer.from_str(raw))
+        except Exception as err:
+            raise ConfigError(f"tokenizer file {str(path)!r} is corrupt: {err}") from None
+    raise ConfigError(f"tokenizer file {str(path)!r} is neither a character tokenizer nor an HF tokenizers file")
