@@ -105,6 +105,19 @@ def test_fused_equals_explicit_and_recorded_weights(mode):
     assert torch.all(weights.triu(1) == 0)
 
 
+@pytest.mark.parametrize("mode", ["naive", "absorbed"])
+def test_recorded_cached_decode_equals_fused_cached_decode(mode):
+    m = make_mla(12)
+    m.mode = mode
+    x = torch.randn(2, 10, D_MODEL)
+    fused = decode_steps(m, x, m.new_cache(2, 10))
+    with record_attention(m) as rec:
+        explicit = decode_steps(m, x, m.new_cache(2, 10))
+        assert rec.weights[0].shape == (2, N_HEADS, 3, 10)  # the last step: a chunk of 3 over 10 keys
+    for (_, _, a), (_, _, b) in zip(explicit, fused):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
 def test_recorded_weights_agree_between_modes():
     m = make_mla()
     x = torch.randn(2, 5, D_MODEL)

@@ -116,6 +116,8 @@ class MultiHeadLatentAttention(RecordsAttention, nn.Module):
         )
 
     def forward(self, x: torch.Tensor, *, cache=None, positions=None, attn_mask=None) -> torch.Tensor:
+        """x (B, T, d_model) -> (B, T, d_model). With a cache, x holds only the new tokens;
+        positions (T,) or (B, T) default to cache.length + arange(T)."""
         _checks.input_tensor(x, self.d_model)
         self._check_cache(cache)
         if attn_mask is not None and (not isinstance(attn_mask, torch.Tensor) or attn_mask.dtype != torch.bool):
