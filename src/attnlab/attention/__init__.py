@@ -2,6 +2,7 @@
 
 from attnlab.attention.cache import KVCache, LatentKVCache
 from attnlab.attention.gqa import GroupedQueryAttention
+from attnlab.attention.interop import from_hf
 from attnlab.attention.kernel import attend, causal_mask
 from attnlab.attention.lecture import (
     CausalAttention,
@@ -28,6 +29,7 @@ __all__ = [
     "RecordsAttention",
     "record_attention",
     "GroupedQueryAttention",
+    "from_hf",
     "MultiHeadLatentAttention",
     "RotaryEmbedding",
     "apply_rope",

@@ -1,0 +1,98 @@
+"""Loading attention weights from HF transformers modules into attnlab's own modules.
+
+``from_hf(hf_attention)`` reads the config from the HF module, builds the equivalent attnlab
+module and copies the weights, so both give the same output on the same input. Loaders are
+looked up by HF class name in ``HF_LOADERS``; add one with ``@register_hf_loader("ClassName")``.
+transformers itself is never imported here: loaders only read attributes of the module given.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from attnlab.attention.gqa import GroupedQueryAttention
+from attnlab.attention.mla import mla_from_hf_deepseek
+from attnlab.errors import ConfigError, InputTypeError
+
+HF_LOADERS: dict[str, Callable[[nn.Module], nn.Module]] = {}
+
+
+def register_hf_loader(*class_names: str):
+    """Decorator: use the decorated function to convert HF modules of these class names."""
+    def register(loader):
+        for name in class_names:
+            HF_LOADERS[name] = loader
+        return loader
+    return register
+
+
+def from_hf(hf_attention: nn.Module) -> nn.Module:
+    """The attnlab module equivalent to an HF attention module, with its weights, dtype, device
+    and train/eval mode."""
+    if not isinstance(hf_attention, nn.Module):
+        raise InputTypeError(f"from_hf expects an HF attention nn.Module, got {type(hf_attention).__name__}")
+    for cls in type(hf_attention).__mro__:
+        loader = HF_LOADERS.get(cls.__name__)
+        if loader is not None:
+            module = loader(hf_attention)
+            return module.train(hf_attention.training)
+    supported = ", ".join(sorted(HF_LOADERS))
+    raise ConfigError(
+        f"from_hf got a {type(hf_attention).__name__}: expected one of {supported} (an attention module, not a whole model)"
+    )
+
+
+def _copy(module: nn.Module, weights: dict[str, torch.Tensor], like: torch.Tensor) -> nn.Module:
+    """Move module to like's dtype/device and load weights (strict: every parameter is set)."""
+    module = module.to(dtype=like.dtype, device=like.device)
+    module.load_state_dict({name: w.detach().clone() for name, w in weights.items()}, strict=True)
+    return module
+
+
+@register_hf_loader("GPT2Attention")
+def _from_gpt2(attn: nn.Module) -> GroupedQueryAttention:
+    """GPT-2: one Conv1D ``c_attn`` holds Q, K and V side by side as (d_in, 3·d) — transposed
+    relative to nn.Linear — and ``c_proj`` is the output projection; all with biases."""
+    if attn.is_cross_attention:
+        raise ConfigError("GPT2Attention with is_cross_attention=True is not supported: load a self-attention layer")
+    d, n_heads = attn.embed_dim, attn.num_heads
+    module = GroupedQueryAttention(d, n_heads, n_heads, qkv_bias=True, out_bias=True,
+                                   dropout=attn.attn_dropout.p, scale=attn.scaling)
+    w, b = attn.c_attn.weight, attn.c_attn.bias  # (d, 3d), (3d,)
+    weights = {"o_proj.weight": attn.c_proj.weight.t(), "o_proj.bias": attn.c_proj.bias}
+    for i, name in enumerate(("q_proj", "k_proj", "v_proj")):
+        weights[f"{name}.weight"] = w[:, i * d:(i + 1) * d].t()
+        weights[f"{name}.bias"] = b[i * d:(i + 1) * d]
+    return _copy(module, weights, w)
+
+
+@register_hf_loader("LlamaAttention")
+def _from_llama(attn: nn.Module) -> GroupedQueryAttention:
+    """Llama (and SmolLM2): separate q/k/v/o projections, GQA, rotate-half RoPE; the RoPE base
+    comes from the config, since HF keeps the rotary embedding outside the attention module."""
+    cfg = attn.config
+    rope = dict(getattr(cfg, "rope_parameters", None) or {})
+    rope_type = rope.get("rope_type", "default")
+    if rope_type != "default":
+        raise ConfigError(
+            f"rope_type={rope_type!r} (RoPE scaling) is not supported: attnlab implements rope_type='default'"
+        )
+    theta = rope.get("rope_theta", getattr(cfg, "rope_theta", None))
+    if theta is None:
+        raise ConfigError("the Llama config has no rope_theta: expected config.rope_parameters['rope_theta']")
+    module = GroupedQueryAttention(
+        cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, head_dim=attn.head_dim,
+        qkv_bias=attn.q_proj.bias is not None, out_bias=attn.o_proj.bias is not None,
+        dropout=float(cfg.attention_dropout), rope=True, rope_theta=float(theta), rope_interleave=False,
+        scale=attn.scaling,
+    )
+    weights = {f"{name}.{p}": t for name in ("q_proj", "k_proj", "v_proj", "o_proj")
+               for p, t in getattr(attn, name).named_parameters()}
+    return _copy(module, weights, attn.q_proj.weight)
+
+
+# DeepSeek-V2/V3 MLA: same weight layout; the loader lives next to the module it builds.
+register_hf_loader("DeepseekV2Attention", "DeepseekV3Attention")(mla_from_hf_deepseek)
