@@ -287,3 +287,16 @@ def test_hf_deepseek_loader_rejects_what_it_cannot_match():
         mla_from_hf_deepseek(hf_attention(3, None, attention_bias=True))
     with pytest.raises(InputTypeError, match="Linear"):
         mla_from_hf_deepseek(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("version", [2, 3])
+def test_from_hf_dispatches_deepseek_attention(version):
+    from attnlab.attention import from_hf
+
+    reference = hf_attention(version, 12)
+    ours = from_hf(reference)
+    assert isinstance(ours, MultiHeadLatentAttention) and not ours.training
+    x = torch.randn(2, 5, D_MODEL)
+    with torch.no_grad():
+        got = ours(x)
+    torch.testing.assert_close(got, hf_forward(reference, x, torch.arange(5)[None].expand(2, -1)), atol=1e-5, rtol=0)
