@@ -39,7 +39,12 @@ def _add_explain(sub) -> None:
 def _cmd_explain(args) -> int:
     from attnlab.explain import explain
 
-    explain(step=args.step, seed=args.seed, fmt=args.fmt, out=args.out, overwrite=args.overwrite)
+    text = explain(step=args.step, seed=args.seed, fmt=args.fmt, out=args.out, overwrite=args.overwrite,
+                   styles=args.out is None and sys.stdout.isatty())
+    if args.out is not None:
+        print(f"wrote {args.out}")
+    else:
+        sys.stdout.write(text)
     return 0
 
 
