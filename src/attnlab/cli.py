@@ -8,6 +8,7 @@ line on stderr with exit code 2; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 from attnlab.errors import UserError
@@ -48,7 +49,131 @@ def _cmd_explain(args) -> int:
     return 0
 
 
-_COMMANDS = [_add_explain]
+def _dataclass_flags(parser, cls, prefix: str, helps: dict[str, str], skip: tuple[str, ...] = ()) -> None:
+    """One --flag per dataclass field; flags not given stay absent, so the library (or the
+    checkpoint being resumed) supplies the value."""
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        kind = str(f.type)
+        kw = {"dest": f"{prefix}__{f.name}", "default": argparse.SUPPRESS,
+              "help": f"{helps.get(f.name, f.name.replace('_', ' '))} (default: {f.default})"}
+        if "bool" in kind:
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            kw["type"] = int if kind.startswith("int") else float if kind.startswith("float") else str
+        parser.add_argument("--" + f.name.replace("_", "-"), **kw)
+
+
+def _add_train(sub) -> None:
+    from attnlab.models.gpt import ATTENTIONS, GPTConfig
+    from attnlab.train import TrainConfig
+
+    p = sub.add_parser(
+        "train", help="train a GPT (attention/FFN/positions/norm by flag) on a text corpus",
+        description="Train a GPT with AdamW, warmup + cosine decay, clipping, accumulation, bf16 autocast, "
+                    "periodic eval and atomic checkpoints. Under torchrun it trains with DDP.",
+    )
+    p.add_argument("--out", default="runs/gpt", help="run folder (default: runs/gpt)")
+    p.add_argument("--overwrite", action="store_true", help="replace the run in an existing --out folder")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _dataclass_flags(p.add_argument_group("model (GPTConfig)"), GPTConfig, "model", {
+        "attention": "/".join(ATTENTIONS), "ffn": "dense or moe", "activation": "gelu or swiglu",
+        "positions": "learned or rope", "norm": "layernorm or rmsnorm", "n_kv_head": "K/V heads (gqa)"},
+        skip=("vocab_size",))  # the tokenizer decides it
+    _dataclass_flags(p.add_argument_group("training (TrainConfig)"), TrainConfig, "train", {
+        "corpus": "'shakespeare', a .txt file or a folder of .txt files", "tokenizer": "char or bpe",
+        "batch_size": "sequences per micro-step (all processes together)", "max_time": "seconds of wall time",
+        "dtype": "auto, float32 or bfloat16 (autocast)", "target_val_loss": "stop at the first eval at or below this"})
+    p.set_defaults(func=_cmd_train)
+
+
+class _TrainProgress:
+    """A rich progress bar fed by the trainer's callback; eval results are printed as lines."""
+
+    def __init__(self, enabled: bool):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(
+            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+            TimeRemainingColumn(), disable=not enabled, transient=False,
+        ) if enabled else None
+        self.task = None
+
+    def __call__(self, event: dict) -> None:
+        if self.progress is None:
+            return
+        if event["event"] == "start":
+            self.progress.start()
+            self.task = self.progress.add_task("train", total=event["max_steps"], completed=event["step"], info="")
+            return
+        if event["event"] == "end":
+            self.progress.stop()
+            return
+        info = f"loss {event['train_loss']:.4f}  {event['tokens_per_s']:,.0f} tok/s  lr {event['lr']:.2e}"
+        self.progress.update(self.task, completed=event["step"], info=info)
+        if event["val_loss"] is not None:
+            self.progress.console.print(
+                f"step {event['step']}: train {event['train_loss']:.4f}, val {event['val_loss']:.4f}, "
+                f"{event['elapsed_s']:.1f} s")
+
+
+def _cmd_train(args) -> int:
+    import os
+
+    from attnlab.train import train
+
+    given = vars(args)
+    model = {k.split("__", 1)[1]: v for k, v in given.items() if k.startswith("model__")}
+    config = {k.split("__", 1)[1]: v for k, v in given.items() if k.startswith("train__")}
+    main_process = os.environ.get("RANK", "0") == "0"
+    progress = _TrainProgress(main_process and not args.quiet)
+    try:
+        summary = train(args.out, model=model, config=config, resume=args.resume, overwrite=args.overwrite,
+                        progress=progress)
+    finally:
+        if progress.progress is not None:
+            progress.progress.stop()
+    if main_process:
+        val = "n/a" if summary["val_loss"] is None else f"{summary['val_loss']:.4f}"
+        print(f"{summary['step']} steps ({summary['stopped']}), val loss {val}, {summary['elapsed_s']:.1f} s, "
+              f"{summary['precision']} on {summary['device']} x{summary['world_size']} -> {summary['out_dir']}")
+    return 0
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser(
+        "generate", help="sample text from a trained GPT folder (KV cache, temperature/top-k/top-p)",
+        description="Stream text generated by the GPT in FOLDER (a run or save_pretrained folder).",
+    )
+    p.add_argument("folder", help="folder with config.json, model.safetensors and tokenizer.json")
+    p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
+    p.add_argument("--max-new-tokens", type=int, default=500, help="tokens to generate (default: 500)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default: 0.8)")
+    p.add_argument("--top-k", type=int, default=200, help="keep the k most likely tokens (default: 200; 0 = off)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: keep the smallest set reaching p")
+    p.add_argument("--seed", type=int, default=1337, help="sampling seed (default: 1337)")
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole context every step (no KV cache)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    p.set_defaults(func=_cmd_generate)
+
+
+def _cmd_generate(args) -> int:
+    from attnlab.generate import generate_text
+
+    pieces = generate_text(args.folder, args.prompt, args.max_new_tokens, temperature=args.temperature,
+                           top_k=args.top_k or None, top_p=args.top_p, seed=args.seed,
+                           use_cache=not args.no_cache, device=args.device)
+    sys.stdout.write(args.prompt)
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+_COMMANDS = [_add_explain, _add_train, _add_generate]
 
 
 def build_parser() -> argparse.ArgumentParser:

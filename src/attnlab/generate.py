@@ -1,0 +1,139 @@
+"""Sampling text from a GPT: temperature, top-k, top-p, a seed, and the KV cache.
+
+With the cache, the prompt is run once (prefill) and every new token costs one position;
+without it, every step recomputes the whole (cropped) context. At temperature 0 both give
+the same tokens. Past ``block_size`` tokens the context is cropped to the last ``block_size``
+as nanoGPT does; the cached path then re-fills a fresh cache with that window, so it stays
+equal to the uncached path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from attnlab import _checks
+from attnlab.errors import ConfigError, InputTypeError
+
+
+def _check_sampling(temperature, top_k, top_p) -> None:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature < 0:
+        raise ConfigError(f"temperature={temperature!r} is not allowed: expected a number >= 0 (0 = greedy)")
+    if top_k is not None:
+        _checks.positive_int("top_k", top_k)
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+        raise ConfigError(f"top_p={top_p!r} is not allowed: expected a number in (0, 1]")
+
+
+def sample_next(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token ids (B,) from last-position logits (B, vocab). temperature 0 takes the argmax;
+    top_k keeps the k most likely tokens, top_p the smallest set whose probability reaches p."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        drop = cumulative - torch.softmax(sorted_logits, dim=-1) >= top_p  # mass before this token already >= p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(logits.device)
+
+
+def stream_tokens(model, idx: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
+                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                  use_cache: bool = True) -> Iterator[torch.Tensor]:
+    """Yield the next token ids (B,) one step at a time after the prompt idx (B, T).
+    Arguments are checked at the call, before the first token is asked for."""
+    if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.dtype != torch.int64:
+        raise InputTypeError("idx must be an int64 tensor (batch, seq) of token ids")
+    if idx.size(1) == 0:
+        raise ConfigError("the prompt is empty: generation needs at least one token to start from")
+    _checks.non_negative_int("max_new_tokens", max_new_tokens)
+    _check_sampling(temperature, top_k, top_p)
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    return _stream(model, idx, max_new_tokens, temperature, top_k, top_p, generator, use_cache)
+
+
+@torch.no_grad()
+def _stream(model, idx, max_new_tokens, temperature, top_k, top_p, generator, use_cache):
+    block = model.config.block_size
+    was_training = model.training
+    model.eval()
+    try:
+        caches = None
+        for _ in range(max_new_tokens):
+            context = idx[:, -block:]
+            if not use_cache:
+                logits, _ = model(context)
+            elif caches is None or caches[0].length + 1 > block:
+                # (Re)fill a cache with the whole cropped context, positions 0..T-1.
+                caches = model.new_caches(idx.size(0), block, device=idx.device)
+                logits, _ = model(context, caches=caches)
+            else:
+                logits, _ = model(context[:, -1:], caches=caches)  # one new position
+            nxt = sample_next(logits[:, -1, :], temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+            idx = torch.cat([idx, nxt.unsqueeze(1)], dim=1)
+            yield nxt
+    finally:
+        model.train(was_training)
+
+
+def generate(model, idx: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
+    """The prompt idx (B, T) followed by max_new_tokens sampled tokens: (B, T + max_new_tokens)."""
+    new = list(stream_tokens(model, idx, max_new_tokens, **kwargs))
+    return torch.cat([idx, torch.stack(new, dim=1)], dim=1) if new else idx
+
+
+def load_for_generation(folder, *, device: str = "auto"):
+    """(model, tokenizer) from a run or save_pretrained folder; any other architecture is refused."""
+    from attnlab.data.tokenizer import load_tokenizer
+    from attnlab.models.base import read_config
+    from attnlab.models.gpt import MODEL_TYPE, GPT
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ConfigError(f"checkpoint folder {str(folder)!r} does not exist: expected a folder written by attnlab train")
+    model_type = read_config(folder).get("model_type")
+    if model_type != MODEL_TYPE:
+        raise ConfigError(f"{str(folder)!r} holds a {model_type!r} model: attnlab generate needs a {MODEL_TYPE!r} model")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = GPT.from_pretrained(folder, map_location=device)
+    if not (folder / "tokenizer.json").is_file():
+        raise ConfigError(f"{str(folder)!r} has no tokenizer.json: it is needed to encode the prompt")
+    return model, load_tokenizer(folder)
+
+
+def generate_text(folder, prompt: str, max_new_tokens: int = 200, *, temperature: float = 0.8,
+                  top_k: int | None = 200, top_p: float | None = None, seed: int | None = 1337,
+                  use_cache: bool = True, device: str = "auto") -> Iterator[str]:
+    """Stream the text generated after ``prompt`` by the model in ``folder``, piece by piece.
+    The folder, prompt and settings are checked at the call, before any text is produced."""
+    model, tokenizer = load_for_generation(folder, device=device)
+    ids = tokenizer.encode(prompt)
+    idx = torch.tensor([ids], dtype=torch.int64, device=next(model.parameters()).device)
+    tokens = stream_tokens(model, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                           seed=seed, use_cache=use_cache)
+    return _stream_text(tokens, tokenizer)
+
+
+def _stream_text(tokens, tokenizer) -> Iterator[str]:
+    new: list[int] = []
+    shown = ""
+    for token in tokens:
+        new.append(int(token[0]))
+        text = tokenizer.decode(new)
+        if text.startswith(shown) and not text.endswith("\ufffd"):  # wait for a whole multi-byte character
+            yield text[len(shown):]
+            shown = text
+    text = tokenizer.decode(new)
+    if text != shown:
+        yield text[len(shown):] if text.startswith(shown) else text

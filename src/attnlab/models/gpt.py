@@ -1,0 +1,370 @@
+"""A decoder-only transformer whose attention, FFN, positions and norm are chosen by config.
+
+One ``GPTConfig`` covers nanoGPT (learned positions, LayerNorm, GELU, MHA), Llama-style models
+such as SmolLM2-135M (RoPE, RMSNorm, SwiGLU, GQA, tied embeddings, no biases), DeepSeek-style
+MLA + MoE, and the lecture's wrapper of single heads for teaching. Pre-norm residual blocks:
+x + attn(norm1(x)), then x + ffn(norm2(x)).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from attnlab import _checks
+from attnlab.attention.lecture import MultiHeadAttentionWrapper
+from attnlab.errors import ConfigError, InputTypeError
+from attnlab.models.base import SaveLoadMixin, register_model
+
+ATTENTIONS = ("mha", "gqa", "mqa", "mla", "wrapper")
+MODEL_TYPE = "gpt"
+
+
+@dataclass
+class GPTConfig:
+    """Everything needed to rebuild a GPT; saved as config.json next to the weights."""
+
+    vocab_size: int = 65
+    block_size: int = 256  # longest sequence the model is trained (and allowed) to see
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int | None = None  # None: n_head for mha/gqa, 1 for mqa
+    d_model: int = 128
+    head_dim: int | None = None  # None: d_model // n_head
+    attention: str = "mha"  # mha | gqa | mqa | mla | wrapper
+    # MLA (DeepSeek-V2/V3 names); MLA always carries its own decoupled RoPE.
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 64
+    qk_nope_head_dim: int = 32
+    qk_rope_head_dim: int = 16
+    v_head_dim: int = 32
+    mla_mode: str = "naive"  # naive | absorbed
+    ffn: str = "dense"  # dense | moe
+    activation: str = "gelu"  # gelu | swiglu (dense FFN)
+    ffn_hidden: int | None = None  # None: 4 * d_model (gelu) or 8/3 * d_model rounded up to 8 (swiglu)
+    # MoE (DeepSeek-V3 names); every layer from n_dense_layers on is an MoE layer.
+    n_routed_experts: int = 8
+    n_activated_experts: int = 2
+    n_shared_experts: int = 0
+    moe_hidden: int | None = None  # None: ffn_hidden // n_activated_experts
+    n_dense_layers: int = 0
+    score_func: str = "softmax"
+    route_scale: float = 1.0
+    n_expert_groups: int = 1
+    n_limited_groups: int = 1
+    aux_loss_coef: float = 0.01
+    bias_update_speed: float = 0.0
+    capacity_factor: float | None = None
+    positions: str = "learned"  # learned | rope
+    rope_theta: float = 10000.0
+    rope_interleave: bool = False
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+    bias: bool = False  # biases in every Linear and LayerNorm
+
+    def __post_init__(self):
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "d_model"):
+            _checks.positive_int(name, getattr(self, name))
+        _checks.one_of("attention", self.attention, ATTENTIONS)
+        _checks.one_of("ffn", self.ffn, ("dense", "moe"))
+        _checks.one_of("activation", self.activation, ("gelu", "swiglu"))
+        _checks.one_of("positions", self.positions, ("learned", "rope"))
+        _checks.one_of("norm", self.norm, ("layernorm", "rmsnorm"))
+        _checks.one_of("mla_mode", self.mla_mode, ("naive", "absorbed"))
+        _checks.dropout_prob(self.dropout)
+        if self.head_dim is None:
+            _checks.divisible("d_model", self.d_model, "n_head", self.n_head)
+        else:
+            _checks.positive_int("head_dim", self.head_dim)
+        if self.n_kv_head is not None:
+            _checks.positive_int("n_kv_head", self.n_kv_head)
+        kv = self.kv_heads
+        if self.attention == "mha" and kv != self.n_head:
+            raise ConfigError(f"n_kv_head={kv} is not allowed with attention='mha': MHA has n_kv_head == n_head={self.n_head} (use 'gqa')")
+        if self.attention == "mqa" and kv != 1:
+            raise ConfigError(f"n_kv_head={kv} is not allowed with attention='mqa': MQA has one K/V head (use 'gqa')")
+        if self.attention == "gqa":
+            _checks.divisible("n_head", self.n_head, "n_kv_head", kv)
+        if self.attention == "wrapper" and self.positions != "learned":
+            raise ConfigError(
+                f"positions={self.positions!r} is not allowed with attention='wrapper': "
+                "the lecture's wrapper has no rotary positions, use positions='learned'"
+            )
+        if self.attention != "wrapper" and self.positions == "rope" and self.attention != "mla" and self.dims_per_head % 2:
+            raise ConfigError(f"head_dim={self.dims_per_head} is odd: RoPE needs an even head_dim")
+        if self.ffn == "moe":
+            _checks.positive_int("n_routed_experts", self.n_routed_experts)
+            _checks.positive_int("n_activated_experts", self.n_activated_experts)
+            _checks.non_negative_int("n_dense_layers", self.n_dense_layers)
+
+    @property
+    def kv_heads(self) -> int:
+        if self.n_kv_head is not None:
+            return self.n_kv_head
+        return 1 if self.attention == "mqa" else self.n_head
+
+    @property
+    def dims_per_head(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.d_model // self.n_head
+
+    @property
+    def hidden(self) -> int:
+        if self.ffn_hidden is not None:
+            return self.ffn_hidden
+        if self.activation == "swiglu":
+            return 8 * ((8 * self.d_model // 3 + 7) // 8)
+        return 4 * self.d_model
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "GPTConfig":
+        data = dict(data)
+        model_type = data.pop("model_type", MODEL_TYPE)
+        if model_type != MODEL_TYPE:
+            raise ConfigError(f"model_type={model_type!r} is not a GPT config: expected {MODEL_TYPE!r}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"config has unknown GPT fields {unknown}: allowed fields are {sorted(known)}")
+        return cls(**data)
+
+
+def _norm(cfg: GPTConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+class LectureAttention(nn.Module):
+    """The lecture's ``MultiHeadAttentionWrapper`` (independent causal heads, concatenated) plus an
+    output projection. Without a cache it runs the wrapper itself; with one it stacks the heads'
+    own projections so decoding can reuse past keys and values like every other variant."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.n_head, self.head_dim = cfg.n_head, cfg.dims_per_head
+        self.heads = MultiHeadAttentionWrapper(
+            cfg.d_model, self.head_dim, cfg.block_size, cfg.dropout, cfg.n_head, qkv_bias=cfg.bias, fused=True
+        )
+        self.proj = nn.Linear(cfg.n_head * self.head_dim, cfg.d_model, bias=cfg.bias)
+        self.dropout = cfg.dropout
+
+    def forward(self, x, *, cache=None, positions=None, attn_mask=None):
+        if cache is None and attn_mask is None:
+            return self.proj(self.heads(x))
+        B, T, _ = x.shape
+        heads = self.heads.heads
+        q = torch.stack([h.W_query(x) for h in heads], dim=1)  # (B, nh, T, hs)
+        k = torch.stack([h.W_key(x) for h in heads], dim=1)
+        v = torch.stack([h.W_value(x) for h in heads], dim=1)
+        if cache is not None:
+            k, v = cache.update(k, v)  # (B, nh, T_total, hs)
+        p = self.dropout if self.training else 0.0
+        y = self.heads._attend(q, k, v, causal=True, mask=attn_mask, dropout_p=p)  # (B, nh, T, hs)
+        return self.proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+    def new_cache(self, batch_size, max_len, *, dtype=None, device=None):
+        from attnlab.attention.cache import KVCache
+
+        w = self.proj.weight
+        return KVCache(batch_size, self.n_head, max_len, self.head_dim,
+                       dtype=dtype or w.dtype, device=device or w.device)
+
+
+class MLP(nn.Module):
+    """nanoGPT's dense FFN: Linear -> GELU -> Linear."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.fc = nn.Linear(cfg.d_model, cfg.hidden, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.hidden, cfg.d_model, bias=cfg.bias)
+
+    def forward(self, x):
+        return self.proj(F.gelu(self.fc(x)))
+
+
+def _attention(cfg: GPTConfig) -> nn.Module:
+    if cfg.attention == "wrapper":
+        return LectureAttention(cfg)
+    if cfg.attention == "mla":
+        from attnlab.attention.mla import MultiHeadLatentAttention
+
+        return MultiHeadLatentAttention(
+            cfg.d_model, cfg.n_head, q_lora_rank=cfg.q_lora_rank, kv_lora_rank=cfg.kv_lora_rank,
+            qk_nope_head_dim=cfg.qk_nope_head_dim, qk_rope_head_dim=cfg.qk_rope_head_dim,
+            v_head_dim=cfg.v_head_dim, rope_theta=cfg.rope_theta, rope_interleave=cfg.rope_interleave,
+            mode=cfg.mla_mode, dropout=cfg.dropout, causal=True, norm_eps=cfg.norm_eps,
+        )
+    from attnlab.attention.gqa import GroupedQueryAttention
+
+    return GroupedQueryAttention(
+        cfg.d_model, cfg.n_head, cfg.kv_heads, head_dim=cfg.dims_per_head, qkv_bias=cfg.bias,
+        out_bias=cfg.bias, dropout=cfg.dropout, causal=True, rope=cfg.positions == "rope",
+        rope_theta=cfg.rope_theta, rope_interleave=cfg.rope_interleave,
+    )
+
+
+def _ffn(cfg: GPTConfig, layer: int) -> nn.Module:
+    if cfg.ffn == "moe" and layer >= cfg.n_dense_layers:
+        from attnlab.moe import MoE
+
+        hidden = cfg.moe_hidden or max(1, cfg.hidden // cfg.n_activated_experts)
+        return MoE(
+            cfg.d_model, cfg.n_routed_experts, cfg.n_activated_experts, hidden,
+            n_shared_experts=cfg.n_shared_experts, score_func=cfg.score_func, route_scale=cfg.route_scale,
+            n_expert_groups=cfg.n_expert_groups, n_limited_groups=cfg.n_limited_groups,
+            aux_loss_coef=cfg.aux_loss_coef, bias_update_speed=cfg.bias_update_speed,
+            capacity_factor=cfg.capacity_factor,
+        )
+    if cfg.activation == "swiglu":
+        from attnlab.moe import SwiGLU
+
+        return SwiGLU(cfg.d_model, cfg.hidden, bias=cfg.bias)
+    return MLP(cfg)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm1(x)), then x + ffn(norm2(x))."""
+
+    def __init__(self, cfg: GPTConfig, layer: int):
+        super().__init__()
+        self.norm1 = _norm(cfg)
+        self.attn = _attention(cfg)
+        self.norm2 = _norm(cfg)
+        self.ffn = _ffn(cfg, layer)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, cache=None, positions=None, attn_mask=None):
+        x = x + self.drop(self.attn(self.norm1(x), cache=cache, positions=positions, attn_mask=attn_mask))
+        return x + self.drop(self.ffn(self.norm2(x)))
+
+
+# Output projections get a smaller init (GPT-2): the residual stream sums 2 * n_layer of them.
+_RESIDUAL_OUT = ("attn.proj.weight", "attn.o_proj.weight", "attn.wo.weight", "ffn.proj.weight", "ffn.w2.weight")
+
+
+class GPT(SaveLoadMixin, nn.Module):
+    """Token (+ learned position) embeddings, ``n_layer`` blocks, final norm, LM head.
+    Saved and loaded as a folder (config.json + model.safetensors) by ``SaveLoadMixin``."""
+
+    model_type = MODEL_TYPE
+    config_class = GPTConfig
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.config = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.d_model) if cfg.positions == "learned" else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList([Block(cfg, i) for i in range(cfg.n_layer)])
+        self.norm_f = _norm(cfg)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        self._init_weights()
+
+    @classmethod
+    def from_config(cls, cfg: GPTConfig | dict) -> "GPT":
+        return cls(cfg if isinstance(cfg, GPTConfig) else GPTConfig.from_dict(cfg))
+
+    def _init_weights(self) -> None:
+        residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
+        for name, p in self.named_parameters():
+            module_name = name.rsplit(".", 1)[0]
+            module = self.get_submodule(module_name)
+            if isinstance(module, (nn.Linear, nn.Embedding)) and name.endswith("weight"):
+                std = residual_std if name.endswith(_RESIDUAL_OUT) else 0.02
+                nn.init.normal_(p, mean=0.0, std=std)
+            elif isinstance(module, nn.Linear) and name.endswith("bias"):
+                nn.init.zeros_(p)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding and self.wpe is not None:
+            n -= self.wpe.weight.numel()
+        return n
+
+    def forward(self, idx, targets=None, *, caches=None, positions=None, attn_mask=None):
+        """idx (B, T) token ids -> (logits (B, T, vocab), mean cross-entropy or None).
+
+        caches: one per block (``new_caches``); positions default to start + arange(T) with
+        start the number of cached tokens. Targets of -1 are ignored.
+        """
+        if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.dtype not in (torch.int64, torch.int32):
+            shown = f"{idx.dtype} tensor of shape {tuple(idx.shape)}" if isinstance(idx, torch.Tensor) else type(idx).__name__
+            raise InputTypeError(f"idx must be an integer tensor (batch, seq), got {shown}")
+        B, T = idx.shape
+        if caches is not None and len(caches) != len(self.blocks):
+            raise ConfigError(f"caches has {len(caches)} entries: expected one per layer, n_layer={len(self.blocks)}")
+        start = caches[0].length if caches is not None else 0
+        if positions is None:
+            positions = torch.arange(start, start + T, device=idx.device)  # (T,)
+        end = int(positions.max()) + 1 if positions.numel() else 0
+        if end > self.config.block_size:
+            raise ConfigError(
+                f"sequence reaches position {end - 1}, beyond block_size={self.config.block_size}: "
+                f"feed at most {self.config.block_size} tokens (crop the context)"
+            )
+        x = self.wte(idx)  # (B, T, C)
+        if self.wpe is not None:
+            x = x + self.wpe(positions)  # (T, C) or (B, T, C), broadcast over the batch
+        x = self.drop(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, None if caches is None else caches[i], positions, attn_mask)
+        logits = self.lm_head(self.norm_f(x))  # (B, T, vocab)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    def new_caches(self, batch_size: int, max_len: int, *, dtype=None, device=None) -> list:
+        """One empty cache per layer, the type each layer's attention needs."""
+        return [blk.attn.new_cache(batch_size, max_len, dtype=dtype, device=device) for blk in self.blocks]
+
+    def moe_layers(self) -> list[nn.Module]:
+        if self.config.ffn != "moe":
+            return []
+        from attnlab.moe import MoE
+
+        return [blk.ffn for blk in self.blocks if isinstance(blk.ffn, MoE)]
+
+    def aux_loss(self) -> torch.Tensor:
+        """Sum of the MoE load-balancing losses of the last forward (0 without MoE)."""
+        losses = [m.aux_loss for m in self.moe_layers()]
+        return torch.stack([torch.as_tensor(a, dtype=torch.float32) for a in losses]).sum() if losses else torch.zeros(())
+
+    def moe_stats(self) -> dict:
+        """Routing statistics of the last forward, averaged over MoE layers (empty without MoE)."""
+        stats = [m.last_stats for m in self.moe_layers() if getattr(m, "last_stats", None)]
+        if not stats:
+            return {}
+
+        def mean(key):
+            return sum(float(s[key]) for s in stats) / len(stats)
+
+        return {
+            "moe_load_imbalance": mean("load_imbalance"),
+            "moe_router_entropy": mean("router_entropy"),
+            "moe_dropped_tokens": int(sum(float(s["dropped_tokens"]) for s in stats)),
+            "moe_tokens_per_expert": [[int(n) for n in torch.as_tensor(s["tokens_per_expert"]).tolist()] for s in stats],
+        }
+
+    def update_moe_bias(self) -> None:
+        """Aux-loss-free balancing step of every MoE layer (after optimizer.step())."""
+        for m in self.moe_layers():
+            m.update_bias()
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        try:
+            super().load_state_tensors(tensors)
+        except RuntimeError as err:  # shapes differ: weights of another architecture
+            raise ConfigError(f"weights do not match the config (another architecture?): {' '.join(str(err).split())[:300]}") from None
+
+
+register_model(MODEL_TYPE, GPT)
