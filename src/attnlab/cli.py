@@ -49,6 +49,54 @@ def _cmd_explain(args) -> int:
     return 0
 
 
+def _add_kv_table(sub) -> None:
+    from attnlab.kvtable import BUILTIN_CONFIGS, DTYPES
+
+    p = sub.add_parser(
+        "kv-table",
+        help="KV-cache bytes per token for MHA, GQA, MQA and MLA (DeepSeek-V2 Table 1) from real configs",
+        description="KV cache per token (per layer and whole model) for MHA/GQA/MQA/MLA at each model's dims, "
+                    "with the bytes attnlab's own caches hold next to the formulas.",
+    )
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--model", choices=list(BUILTIN_CONFIGS), help="one built-in config (default: all of them)")
+    source.add_argument("--config", help="path of an HF config.json")
+    p.add_argument("--context", type=int, default=4096, help="tokens for the 'bytes at context' column (default 4096)")
+    p.add_argument("--dtype", default="bf16", choices=list(DTYPES), help="cache element type (default bf16)")
+    p.add_argument("--format", dest="fmt", default="text", choices=["text", "md"], help="terminal tables or Markdown")
+    p.set_defaults(func=_cmd_kv_table)
+
+
+def _cmd_kv_table(args) -> int:
+    from attnlab.kvtable import (
+        KV_HEADERS, SMALL_HEADERS, kv_table, kv_title, small_model_caches, table_cells, to_markdown,
+    )
+
+    rows = kv_table(args.model, args.config, context=args.context, dtype=args.dtype)
+    small = small_model_caches(dtype=args.dtype)
+    if args.fmt == "md":
+        sys.stdout.write(to_markdown(rows, small, dtype=args.dtype))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    kv_cells, small_cells = table_cells(rows, small)
+    kv = Table(title=kv_title(args.dtype, args.context))
+    for i, header in enumerate(KV_HEADERS):
+        kv.add_column(header, justify="right" if i >= 5 else "left")
+    for i, cells in enumerate(kv_cells):
+        kv.add_row(*cells, end_section=i + 1 < len(rows) and rows[i + 1].model != rows[i].model)
+    sm = Table(title=f"Caches of a small attnlab model after prefill + decoding, {args.dtype}")
+    for i, header in enumerate(SMALL_HEADERS):
+        sm.add_column(header, justify="right" if i >= 1 else "left")
+    for cells in small_cells:
+        sm.add_row(*cells)
+    console = Console() if sys.stdout.isatty() else Console(width=200)  # a pipe or file gets unwrapped rows
+    console.print(kv)
+    console.print(sm)
+    return 0
+
+
 def _dataclass_flags(parser, cls, prefix: str, helps: dict[str, str], skip: tuple[str, ...] = ()) -> None:
     """One --flag per dataclass field; flags not given stay absent, so the library (or the
     checkpoint being resumed) supplies the value."""
@@ -173,7 +221,7 @@ def _cmd_generate(args) -> int:
     return 0
 
 
-_COMMANDS = [_add_explain, _add_train, _add_generate]
+_COMMANDS = [_add_explain, _add_kv_table, _add_train, _add_generate]
 
 
 def build_parser() -> argparse.ArgumentParser:
