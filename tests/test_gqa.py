@@ -154,3 +154,11 @@ def test_errors():
         attn(torch.randn(1, 5, 8), cache=attn.new_cache(1, 4))
     with pytest.raises(InputTypeError, match="bool"):
         attn(torch.randn(1, 3, 8), attn_mask=torch.ones(1, 1, 3, 3))
+
+
+def test_dropout_only_in_training():
+    attn = GroupedQueryAttention(16, 4, 2, dropout=0.5)
+    x = torch.randn(1, 6, 16)
+    assert not torch.allclose(attn(x), attn(x))  # weights dropped at random while training
+    attn.eval()
+    _close(attn(x), attn(x))
