@@ -17,7 +17,7 @@ run: setup
 	$(VENV)/bin/attnlab explain
 
 test: setup-test
-	HF_HUB_OFFLINE=1 $(PY) -m pytest
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -n 2
 
 setup: $(VENV)/.installed
 

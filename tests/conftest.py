@@ -8,6 +8,10 @@ import pathlib
 import pytest
 import torch
 
+# Under pytest-xdist each worker gets one core: tiny tensors run far faster without thread hand-offs.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY_SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 
