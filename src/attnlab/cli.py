@@ -221,6 +221,66 @@ def _cmd_generate(args) -> int:
     return 0
 
 
+_MODEL_HELP = "minilm, smollm2 or a checkpoint folder with tokenizer.json (default: minilm)"
+
+
+def _add_viz(sub) -> None:
+    p = sub.add_parser(
+        "viz", help="attention pictures of a text: PNG grid of every layer × head, one head's PNG, interactive HTML",
+        description="Run a pretrained model on TEXT and draw its attention: a PNG grid of every layer × head, "
+                    "a self-contained interactive HTML page (head view + model view, works from file://), "
+                    "and with --layer/--head that head's own PNG.",
+    )
+    p.add_argument("text", help="the text to look at, e.g. 'The artist painted the portrait of a woman with a brush'")
+    p.add_argument("--model", default="minilm", help=_MODEL_HELP)
+    p.add_argument("--out", default="attention", help="folder for the files (default: ./attention)")
+    p.add_argument("--layer", type=int, default=None, help="with --head: also write this head's PNG (0-based)")
+    p.add_argument("--head", type=int, default=None, help="with --layer: the head to draw (0-based)")
+    p.add_argument("--overwrite", action="store_true", help="replace files already in --out")
+    p.set_defaults(func=_cmd_viz)
+
+
+def _cmd_viz(args) -> int:
+    from attnlab.models.pretrained import load_attention_model
+    from attnlab.viz import save_views
+
+    tokenized, weights = load_attention_model(args.model).attention(args.text)
+    paths = save_views(tokenized.tokens, weights, args.out, title=f"{args.model}: {args.text}",
+                       layer=args.layer, head=args.head, overwrite=args.overwrite)
+    print(f"{len(tokenized.tokens)} tokens, {len(weights)} layers × {weights[0].size(1)} heads")
+    for path in paths:
+        print(f"wrote {path}")
+    return 0
+
+
+def _add_heads(sub) -> None:
+    p = sub.add_parser(
+        "heads", help="per layer and head: how much attention goes from one word to named words",
+        description="A table per layer and head of the share of --from's attention that lands on each --to word, "
+                    "sorted; words split into several tokens are summed over their pieces (the table says so).",
+    )
+    p.add_argument("text", help="the text, e.g. 'The artist painted the portrait of a woman with a brush'")
+    p.add_argument("--from", dest="from_word", required=True, help="the word that attends, e.g. with")
+    p.add_argument("--to", dest="to_words", required=True, help="comma-separated words it attends to, e.g. brush,woman")
+    p.add_argument("--model", default="minilm", help=_MODEL_HELP)
+    p.add_argument("--sort", default=None, help="sort by this --to word (default: the first)")
+    p.add_argument("--top", type=int, default=None, help="show only the first N heads (default: all)")
+    p.set_defaults(func=_cmd_heads)
+
+
+def _cmd_heads(args) -> int:
+    from attnlab.heads import attention_between
+    from attnlab.models.pretrained import load_attention_model
+
+    if args.top is not None and args.top < 1:
+        raise UserError(f"--top={args.top} is not allowed: expected a positive number of heads")
+    tokenized, weights = load_attention_model(args.model).attention(args.text)
+    table = attention_between(tokenized, weights, args.from_word, args.to_words)
+    print(f"{args.model}: {' '.join(tokenized.tokens)}")
+    print(table.format(by=args.sort, top=args.top))
+    return 0
+
+
 _COMMANDS = [_add_explain, _add_kv_table, _add_train, _add_generate]
 
 
