@@ -1,6 +1,7 @@
 """PNG heatmaps and the self-contained HTML page: shapes, escaping, no network, errors."""
 
 import json
+import os
 import re
 
 import numpy as np
@@ -100,3 +101,64 @@ def test_views_and_jupyter_repr(tmp_path):
         AttentionView(TOKENS, weights, heads=[0, 3])
     with pytest.raises(ConfigError, match="layer=-1"):
         AttentionView(TOKENS, weights, layer=-1)
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    """A small random Encoder saved with MiniLM's WordPiece tokenizer: a CHECKPOINT_FOLDER for the CLI."""
+    pretrained = pytest.importorskip("attnlab.models.pretrained")
+    from attnlab.models.encoder import Encoder, EncoderConfig
+
+    try:
+        tokenizer = pretrained.WordPieceTokenizer.from_file(pretrained.minilm_path() / "tokenizer.json")
+    except ConfigError as err:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(str(err))
+    model = Encoder(EncoderConfig(d_model=16, n_layer=2, n_head=4, ffn_hidden=32, max_position_embeddings=32))
+    return str(model.save_pretrained(tmp_path / "ckpt", tokenizer=tokenizer))
+
+
+def test_cli_viz_writes_every_file_and_never_overwrites(tiny_checkpoint, tmp_path, capsys):
+    from attnlab.cli import main
+
+    out = tmp_path / "pics"
+    text = "The artist painted <b>a</b> & more"
+    assert main(["viz", text, "--model", tiny_checkpoint, "--out", str(out), "--layer", "1", "--head", "3"]) == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["attention.html", "attention_grid.png", "layer1_head3.png"]
+    data = _embedded((out / "attention.html").read_text(encoding="utf-8"))
+    assert data["tokens"][:4] == ["[CLS]", "the", "artist", "painted"] and "<" in data["tokens"]
+    assert (data["layer"], data["heads"], len(data["weights"])) == (1, [3], 2)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    assert main(["viz", text, "--model", tiny_checkpoint, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "already exist" in err and "--overwrite" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert main(["viz", text, "--model", tiny_checkpoint, "--out", str(out), "--overwrite"]) == 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--layer", "1"], "give both"),
+    (["--layer", "2", "--head", "0"], "layer=2 is not allowed: expected 0..1"),
+    (["--text", ""], "is empty"),
+    (["--text", "word " * 40], "text has 42 tokens, more than"),
+])
+def test_cli_viz_errors(tiny_checkpoint, tmp_path, capsys, argv, message):
+    from attnlab.cli import main
+
+    text = "the artist"
+    if argv[0] == "--text":
+        text, argv = argv[1], []
+    assert main(["viz", text, "--model", tiny_checkpoint, "--out", str(tmp_path / "o"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("attnlab viz: error: ") and message in err and err.count("\n") == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_viz_unknown_model(tmp_path, capsys):
+    from attnlab.cli import main
+
+    assert main(["viz", "hello", "--model", "gpt-5", "--out", str(tmp_path / "o")]) == 2
+    assert "model='gpt-5' is not allowed: expected 'minilm', 'smollm2' or an existing checkpoint folder" in capsys.readouterr().err

@@ -281,7 +281,7 @@ def _cmd_heads(args) -> int:
     return 0
 
 
-_COMMANDS = [_add_explain, _add_kv_table, _add_train, _add_generate]
+_COMMANDS = [_add_explain, _add_kv_table, _add_train, _add_generate, _add_viz, _add_heads]
 
 
 def build_parser() -> argparse.ArgumentParser:
