@@ -281,6 +281,58 @@ def _cmd_heads(args) -> int:
     return 0
 
 
+def _add_bench(sub) -> None:
+    from attnlab.bench.report import MODES
+
+    p = sub.add_parser(
+        "bench", help="speed and memory: attention variants, decoding, MoE, training vs PyTorch and others",
+        description="Measure this machine's matmul peak, then time the chosen benchmark(s); print the tables and "
+                    "write <mode>.md and <mode>.png (replacing earlier results) to --out.",
+    )
+    p.add_argument("mode", nargs="?", default="all", choices=["all", *MODES], help="what to measure (default: all)")
+    p.add_argument("--out", default="benchmarks/results", help="results folder (default: benchmarks/results)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes that run in seconds (checks, not numbers)")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement (default: per mode)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: cuda if available")
+    p.add_argument("--compile", default=None,
+                   help="train presets also timed under torch.compile: comma-separated names, 'all' or 'none' "
+                        "(default: nanogpt-cpu; none with --quick)")
+    p.set_defaults(func=_cmd_bench)
+
+
+def _cmd_bench(args) -> int:
+    import shlex
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from attnlab.bench.report import MODES, run_benchmarks
+
+    modes = MODES if args.mode == "all" else (args.mode,)
+    compile_presets = None
+    if args.compile is not None:
+        compile_presets = {"all": "all", "none": ()}.get(args.compile, tuple(filter(None, args.compile.split(","))))
+    flags = [args.mode, "--out", args.out] + ["--quick"] * args.quick + ["--device", args.device]
+    flags += [] if args.repeats is None else ["--repeats", str(args.repeats)]
+    flags += [] if args.compile is None else ["--compile", args.compile]
+    console, status = Console(), Console(stderr=True)
+    done = run_benchmarks(modes, out_dir=args.out, command=shlex.join(["attnlab", "bench", *flags]),
+                          quick=args.quick, repeats=args.repeats, device=args.device, compile_presets=compile_presets,
+                          progress=lambda message: status.print(f"[dim]… {message}[/dim]"))
+    for report, paths in done:
+        for table in report.tables:
+            shown = Table(title=f"{report.title}: {table.title}" if len(report.tables) > 1 else report.title)
+            for i, header in enumerate(table.headers):
+                shown.add_column(header, justify="left" if i == 0 else "right")
+            for row in table.rows:
+                shown.add_row(*row)
+            console.print(shown)
+        for note in report.notes:
+            console.print(note, markup=False)
+        console.print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
 _COMMANDS = [_add_explain, _add_kv_table, _add_train, _add_generate, _add_viz, _add_heads]
 
 
