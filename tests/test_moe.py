@@ -1,0 +1,256 @@
+"""MoE: fast ≡ reference dispatch, one expert ≡ dense SwiGLU, loss-free bias steers selection only,
+both balancing methods fix a skewed router, capacity dropping, and clear errors."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from attnlab.errors import ConfigError
+from attnlab.moe import MoE, SwiGLU
+
+D = 16
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors run faster on one thread, and the shared CPU stays free for others."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _fwd_bwd(moe, x, grad):
+    x = x.detach().clone().requires_grad_()
+    moe.zero_grad()
+    y = moe(x)
+    y.backward(grad)
+    return y.detach(), x.grad, {n: p.grad.clone() for n, p in moe.named_parameters()}, moe.last_stats
+
+
+CONFIGS = {
+    "plain": dict(),
+    "shared": dict(n_shared_experts=2),
+    "groups-softmax": dict(n_expert_groups=4, n_limited_groups=2, n_shared_experts=1),
+    "groups-sigmoid-bias": dict(n_expert_groups=4, n_limited_groups=2, score_func="sigmoid", route_scale=2.5,
+                                bias_update_speed=0.001),
+    "capacity": dict(capacity_factor=0.6),
+    "capacity-shared-groups": dict(capacity_factor=0.8, n_shared_experts=1, n_expert_groups=2, n_limited_groups=1),
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_fast_dispatch_equals_reference(name):
+    moe = MoE(D, 8, 2, 12, **CONFIGS[name])
+    if moe.bias_update_speed:
+        moe.gate.bias.copy_(torch.randn(8) * 0.1)  # a trained-looking bias, so selection differs from scores
+    x = torch.randn(3, 21, D)
+    grad = torch.randn(3, 21, D)
+    fast = _fwd_bwd(moe, x, grad)
+    moe.dispatch = "reference"
+    ref = _fwd_bwd(moe, x, grad)
+    torch.testing.assert_close(fast[0], ref[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(fast[1], ref[1], atol=1e-5, rtol=0)
+    assert fast[2].keys() == ref[2].keys()
+    for param in fast[2]:
+        torch.testing.assert_close(fast[2][param], ref[2][param], atol=1e-5, rtol=0, msg=param)
+    assert fast[3] == ref[3]
+    if moe.capacity_factor is not None:
+        assert fast[3]["dropped_tokens"] > 0
+
+
+def test_capacity_drops_the_latest_tokens_of_overloaded_experts():
+    moe = MoE(D, 4, 1, 8, capacity_factor=1.0)
+    x = torch.randn(40, D)
+    with torch.no_grad():
+        y = moe(x)
+        weights, indices, _ = moe.gate(x)
+    capacity = math.ceil(40 * 1 / 4)
+    expected_dropped = 0
+    for e in range(4):
+        tokens = torch.where(indices[:, 0] == e)[0]
+        expected_dropped += max(len(tokens) - capacity, 0)
+        kept, dropped = tokens[:capacity], tokens[capacity:]
+        assert torch.all(y[dropped] == 0)  # a dropped token's only expert contributes nothing
+        expert = _expert_as_swiglu(moe, e)
+        with torch.no_grad():
+            torch.testing.assert_close(y[kept], expert(x[kept]) * weights[kept], atol=1e-6, rtol=0)
+    assert expected_dropped > 0
+    assert moe.last_stats["dropped_tokens"] == expected_dropped
+
+
+def _expert_as_swiglu(moe, e):
+    dense = SwiGLU(moe.d_model, moe.expert_hidden)
+    with torch.no_grad():
+        dense.w1.weight.copy_(moe.experts.w1[e])
+        dense.w2.weight.copy_(moe.experts.w2[e])
+        dense.w3.weight.copy_(moe.experts.w3[e])
+    return dense
+
+
+@pytest.mark.parametrize("dispatch", ["fast", "reference"])
+def test_one_expert_top1_equals_dense_swiglu(dispatch):
+    moe = MoE(D, 1, 1, 24, dispatch=dispatch)
+    dense = _expert_as_swiglu(moe, 0)
+    x = torch.randn(2, 9, D)
+    grad = torch.randn(2, 9, D)
+    y_moe, gx_moe, grads, _ = _fwd_bwd(moe, x, grad)
+    xd = x.clone().requires_grad_()
+    y_dense = dense(xd)
+    y_dense.backward(grad)
+    torch.testing.assert_close(y_moe, y_dense.detach(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(gx_moe, xd.grad, atol=1e-6, rtol=0)
+    for w in ("w1", "w2", "w3"):
+        torch.testing.assert_close(grads[f"experts.{w}"][0], getattr(dense, w).weight.grad, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
+def test_bias_changes_selection_never_weights(score_func):
+    moe = MoE(D, 8, 2, 12, score_func=score_func, bias_update_speed=0.001, route_scale=1.5)
+    x = torch.randn(50, D)
+    with torch.no_grad():
+        y_unbiased = moe(x)
+        w0, i0, s0 = moe.gate(x)
+        moe.gate.bias.copy_(torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 5.0, 5.0]))
+        w1, i1, s1 = moe.gate(x)
+        y_biased = moe(x)
+    assert torch.equal(s0, s1)  # scores never see the bias
+    assert torch.equal(i1.sort(dim=-1).values, torch.tensor([[6, 7]]).expand(50, 2))  # selection follows it
+    assert not torch.equal(i0.sort(dim=-1).values, i1.sort(dim=-1).values)
+    chosen = s0.gather(1, i1)
+    expected = chosen / chosen.sum(-1, keepdim=True) if score_func == "sigmoid" else chosen
+    torch.testing.assert_close(w1, expected * 1.5, atol=0, rtol=0)  # weights: unbiased scores of the chosen
+    manual = sum((w1 * (i1 == e)).sum(-1, keepdim=True) * _expert_as_swiglu(moe, e)(x) for e in (6, 7))
+    torch.testing.assert_close(y_biased, manual.detach(), atol=1e-6, rtol=0)
+    with torch.no_grad():
+        moe.gate.bias.fill_(3.0)  # the same shift for every expert changes nothing
+        torch.testing.assert_close(moe(x), y_unbiased, atol=0, rtol=0)
+    assert "gate.bias" not in dict(moe.named_parameters())  # no gradient ever reaches it
+
+
+def _skewed_router_imbalance(steps, **balancing):
+    """Train only the router with the balancing method on inputs the router sends to 2 of 8 experts."""
+    torch.manual_seed(0)
+    moe = MoE(D, 8, 2, 8, **balancing)
+    direction = F.normalize(torch.randn(D), dim=0)
+    with torch.no_grad():
+        moe.gate.weight[:2] += 2.0 * direction  # experts 0 and 1 love this direction
+    x = torch.randn(256, D) + 2.0 * direction
+    optimizer = torch.optim.Adam([moe.gate.weight], lr=0.05)
+    first = None
+    for _ in range(steps):
+        moe(x)
+        first = first or moe.last_stats["load_imbalance"]
+        if moe.aux_loss.requires_grad:
+            optimizer.zero_grad()
+            moe.aux_loss.backward()
+            optimizer.step()
+        moe.update_bias()
+    moe.eval()
+    with torch.no_grad():
+        moe(x)
+    return first, moe.last_stats["load_imbalance"]
+
+
+@pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("balancing", ["none", "aux_loss", "bias"])
+def test_balancing_fixes_a_skewed_router(one_thread, balancing, score_func):
+    kwargs = {"none": {}, "aux_loss": {"aux_loss_coef": 0.01}, "bias": {"bias_update_speed": 0.001}}[balancing]
+    first, last = _skewed_router_imbalance(300, score_func=score_func, **kwargs)
+    assert first > 3
+    if balancing == "none":
+        assert last > 3
+    else:
+        assert last < 1.5
+
+
+def test_aux_loss_is_coef_for_a_uniform_router_and_trains_only_the_router():
+    moe = MoE(D, 8, 2, 12, aux_loss_coef=0.03)
+    with torch.no_grad():
+        moe.gate.weight.zero_()  # every expert scores 1/8 for every token
+    moe(torch.randn(64, D))
+    torch.testing.assert_close(moe.aux_loss, torch.tensor(0.03), atol=1e-7, rtol=0)
+    moe.aux_loss.backward()
+    assert moe.gate.weight.grad is not None
+    assert all(p.grad is None for n, p in moe.named_parameters() if not n.startswith("gate."))
+    off = MoE(D, 8, 2, 12)
+    off(torch.randn(5, D))
+    assert off.aux_loss.item() == 0.0 and not off.aux_loss.requires_grad
+
+
+def test_update_bias_moves_toward_equal_load_and_ignores_eval():
+    moe = MoE(D, 4, 1, 8, bias_update_speed=0.01)
+    with torch.no_grad():
+        moe.gate.weight.zero_()
+        moe.gate.weight[0] += 1.0
+    x = torch.randn(32, D).abs()  # expert 0 wins every token
+    moe.eval()
+    moe(x)
+    moe.update_bias()
+    assert torch.equal(moe.gate.bias, torch.zeros(4))
+    moe.train()
+    moe(x)
+    moe.update_bias()
+    torch.testing.assert_close(moe.gate.bias, torch.tensor([-0.01, 0.01, 0.01, 0.01]))
+
+
+def test_stats_and_shapes():
+    moe = MoE(D, 8, 3, 12, n_shared_experts=1)
+    x = torch.randn(4, 10, D)
+    y = moe(x)
+    stats = moe.last_stats
+    assert y.shape == x.shape
+    assert sum(stats["tokens_per_expert"]) == 4 * 10 * 3
+    counts = torch.tensor(stats["tokens_per_expert"], dtype=torch.float)
+    assert stats["load_imbalance"] == pytest.approx((counts.max() / counts.mean()).item())
+    assert 0 < stats["router_entropy"] <= math.log(8) + 1e-6
+    assert stats["dropped_tokens"] == 0
+    torch.testing.assert_close(moe(x.view(40, D)), y.view(40, D), atol=1e-6, rtol=0)
+
+
+def test_bf16_fast_matches_reference_and_autocast_runs():
+    moe = MoE(D, 8, 2, 16, n_shared_experts=1)
+    x = torch.randn(2, 16, D)
+    reference = moe(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast_bf16 = moe(x)
+        moe.dispatch = "reference"
+        ref_bf16 = moe(x)
+    assert fast_bf16.dtype == torch.bfloat16
+    torch.testing.assert_close(fast_bf16.float(), ref_bf16.float(), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(fast_bf16.float(), reference, atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        (dict(n_routed_experts=4, n_activated_experts=5), ["n_activated_experts=5", "n_routed_experts=4"]),
+        (dict(n_expert_groups=3), ["n_routed_experts=8", "n_expert_groups=3"]),
+        (dict(n_expert_groups=2, n_limited_groups=3), ["n_limited_groups=3", "n_expert_groups=2"]),
+        (dict(n_expert_groups=8, n_limited_groups=1), ["n_activated_experts=2", "n_limited_groups=1"]),
+        (dict(score_func="relu"), ["score_func='relu'", "'softmax'", "'sigmoid'"]),
+        (dict(dispatch="magic"), ["dispatch='magic'", "'fast'", "'reference'"]),
+        (dict(capacity_factor=0.0), ["capacity_factor=0.0"]),
+        (dict(aux_loss_coef=-1), ["aux_loss_coef=-1"]),
+        (dict(n_shared_experts=-1), ["n_shared_experts=-1"]),
+    ],
+)
+def test_clear_errors(kwargs, words):
+    args = dict(d_model=D, n_routed_experts=8, n_activated_experts=2, expert_hidden=12)
+    args.update(kwargs)
+    with pytest.raises(ConfigError) as err:
+        MoE(**args)
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_input_errors():
+    moe = MoE(D, 4, 1, 8)
+    with pytest.raises(ConfigError, match="expected d_in=16"):
+        moe(torch.randn(3, D + 1))
+    with pytest.raises(TypeError, match="rank 1"):
+        moe(torch.randn(D))
+    with pytest.raises(ConfigError, match="dispatch='loop'"):
+        moe.dispatch = "loop"
