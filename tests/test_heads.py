@@ -84,3 +84,59 @@ def test_lecture_sentence_on_minilm():
     for row in table.rows:
         assert row.weights["brush"] == pytest.approx(float(weights[row.layer][0, row.head, i, j]), abs=1e-6)
         assert row.weights["woman"] == pytest.approx(float(weights[row.layer][0, row.head, i, k]), abs=1e-6)
+
+
+def test_causal_model_notes_later_words():
+    tokenized, _ = _case(n_layers=1, n_heads=2)
+    T = len(TOKENS)
+    causal = torch.tril(torch.ones(T, T))
+    weights = [(causal / causal.sum(-1, keepdim=True)).expand(1, 2, T, T)]
+    text = attention_between(tokenized, weights, "brush", ["with", "the"]).format()
+    assert "'with' gets no attention in any head: it comes after 'brush' and this model's attention is causal" in text
+    assert "strongest 'brush' → 'with'" not in text and "strongest 'brush' → 'the'" in text
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    from attnlab.models import pretrained
+    from attnlab.models.encoder import Encoder, EncoderConfig
+
+    try:
+        tokenizer = pretrained.WordPieceTokenizer.from_file(pretrained.minilm_path() / "tokenizer.json")
+    except ConfigError as err:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(str(err))
+    model = Encoder(EncoderConfig(d_model=16, n_layer=2, n_head=4, ffn_hidden=32, max_position_embeddings=32))
+    return str(model.save_pretrained(tmp_path / "ckpt", tokenizer=tokenizer))
+
+
+def test_cli_heads(tiny_checkpoint, capsys):
+    from attnlab.cli import main
+    from attnlab.models.pretrained import load_attention_model
+
+    text = "The artist painted the portrait of a woman with a brush"
+    assert main(["heads", text, "--model", tiny_checkpoint, "--from", "with", "--to", "brush,woman",
+                 "--sort", "woman", "--top", "3"]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line and line.split()[0].isdigit()]
+    tokenized, weights = load_attention_model(tiny_checkpoint).attention(text)
+    i, j = tokenized.tokens.index("with"), tokenized.tokens.index("woman")
+    expected = sorted(((float(w[0, h, i, j]), l, h) for l, w in enumerate(weights) for h in range(4)),
+                      key=lambda e: (-e[0], e[1], e[2]))[:3]
+    assert [(int(r[0]), int(r[1]), r[3]) for r in rows] == [(l, h, f"{v:.3f}") for v, l, h in expected]
+    assert "... 5 more heads" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--from", "spoon", "--to", "brush"], "from_word='spoon' is not a word of the text"),
+    (["--from", "with", "--to", "brush,fork"], "to_words='fork' is not a word of the text"),
+    (["--from", "with", "--to", "brush", "--sort", "woman"], "by='woman' is not allowed"),
+    (["--from", "with", "--to", "brush", "--top", "0"], "top=0 is not allowed: expected a positive integer"),
+])
+def test_cli_heads_errors(tiny_checkpoint, capsys, argv, message):
+    from attnlab.cli import main
+
+    assert main(["heads", "a woman with a brush", "--model", tiny_checkpoint, *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("attnlab heads: error: ") and message in err and err.count("\n") == 1

@@ -272,11 +272,9 @@ def _cmd_heads(args) -> int:
     from attnlab.heads import attention_between
     from attnlab.models.pretrained import load_attention_model
 
-    if args.top is not None and args.top < 1:
-        raise UserError(f"--top={args.top} is not allowed: expected a positive number of heads")
     tokenized, weights = load_attention_model(args.model).attention(args.text)
     table = attention_between(tokenized, weights, args.from_word, args.to_words)
-    print(f"{args.model}: {' '.join(tokenized.tokens)}")
+    print(f"{args.model} tokens: {' '.join(repr(t) for t in tokenized.tokens)}")
     print(table.format(by=args.sort, top=args.top))
     return 0
 

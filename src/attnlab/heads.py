@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from attnlab import _checks
 from attnlab.errors import ConfigError, InputTypeError
 from attnlab.models.pretrained import Tokenized
 from attnlab.viz.heatmap import attention_stack
@@ -36,6 +37,7 @@ class HeadsTable:
     pieces: dict[str, list[str]]  # word -> the tokens that make it up (all occurrences)
     occurrences: dict[str, int]
     rows: list[HeadScore]
+    later: list[str]  # to-words wholly after from_word (a causal model cannot attend to them)
 
     def sorted(self, by: str | None = None) -> list[HeadScore]:
         """Rows by decreasing attention to ``by`` (default: the first to-word)."""
@@ -54,10 +56,16 @@ class HeadsTable:
             if len(pieces) > self.occurrences[word]:
                 how = "averaged over" if word == self.from_word else "summed over"
                 lines.append(f"{word!r} is split into tokens {' + '.join(map(repr, pieces))}: {how} its pieces")
+        for word in self.to_words:
+            if all(r.weights[word] == 0.0 for r in self.rows):
+                why = f": it comes after {self.from_word!r} and this model's attention is causal" if word in self.later else ""
+                lines.append(f"{word!r} gets no attention in any head{why}")
         return lines
 
     def format(self, by: str | None = None, top: int | None = None) -> str:
         """A plain-text table, sorted (see :meth:`sorted`), then a line on who wins where."""
+        if top is not None:
+            _checks.positive_int("top", top)
         rows = self.sorted(by)
         shown = rows if top is None else rows[:top]
         headers = ["layer", "head", *(f"→ {w}" for w in self.to_words)]
@@ -75,6 +83,8 @@ class HeadsTable:
             out.append(f"... {len(rows) - top} more heads (raise --top to see them)")
         for word in self.to_words:
             best = max(self.rows, key=lambda r: r.weights[word])
+            if best.weights[word] == 0.0:
+                continue
             line = f"strongest {self.from_word!r} → {word!r}: layer {best.layer} head {best.head} ({best.weights[word]:.3f})"
             if len(self.to_words) > 1:
                 wins = sum(1 for r in self.rows if max(self.to_words, key=r.weights.get) == word)
@@ -129,4 +139,5 @@ def attention_between(tokenized: Tokenized, weights, from_word: str, to_words) -
     pieces = {from_word: [tokenized.tokens[k] for k in source]}
     pieces.update({w: [tokenized.tokens[k] for k in idx] for w, (idx, _) in targets.items()})
     occurrences = {from_word: n_source, **{w: n for w, (_, n) in targets.items()}}
-    return HeadsTable(from_word, to_words, pieces, occurrences, rows)
+    later = [w for w, (idx, _) in targets.items() if min(idx) > max(source)]
+    return HeadsTable(from_word, to_words, pieces, occurrences, rows, later)
