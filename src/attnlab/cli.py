@@ -331,7 +331,7 @@ def _cmd_bench(args) -> int:
     return 0
 
 
-_COMMANDS = [_add_explain, _add_kv_table, _add_train, _add_generate, _add_viz, _add_heads]
+_COMMANDS = [_add_explain, _add_kv_table, _add_train, _add_generate, _add_viz, _add_heads, _add_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:

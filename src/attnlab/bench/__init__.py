@@ -1,0 +1,1 @@
+"""Benchmarks: matmul peak, attention blocks, decoding, MoE dispatch and training throughput (``attnlab bench``)."""
