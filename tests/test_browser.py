@@ -134,3 +134,17 @@ def test_html_in_tokens_is_text(page):
     assert page.text_content("#title") == "<b>bold?</b>"
     titles = page.eval_on_selector_all("#head-svg g.tok-from title", "ts => ts.map(t => t.textContent)")
     assert titles == TOKENS
+
+
+def test_jupyter_iframe_renders(browser, weights):
+    """What a notebook cell shows (_repr_html_: the page in an iframe) draws the same head view."""
+    page = browser.new_page()
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.set_content("<p>notebook output</p>" + AttentionView(TOKENS, weights, heads=[1])._repr_html_())
+    frame = page.frame_locator("iframe")
+    frame.locator("#head-svg g.head-lines").first.wait_for()
+    assert frame.locator("#head-svg g.head-lines").count() == 1
+    assert frame.locator("#head-svg g.head-lines").get_attribute("data-head") == "1"
+    page.close()
+    assert errors == []
