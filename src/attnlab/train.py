@@ -483,7 +483,7 @@ def _moe_row(model: GPT) -> dict:
     stats = model.moe_stats()
     if not stats:
         return {}
-    return {"moe_aux_loss": float(model.aux_loss()), **stats}
+    return {"moe_aux_loss": float(model.aux_loss().detach()), **stats}
 
 
 def _atomic_torch_save(obj, path: Path) -> None:

@@ -1,0 +1,177 @@
+"""Trainer: run folder and metrics, exact resume (in process and after SIGKILL), accumulation,
+bf16, schedule, nanoGPT-style eval, and the errors that protect a user's files."""
+
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from attnlab.cli import main
+from attnlab.errors import ConfigError
+from attnlab.models.gpt import GPT
+from attnlab.train import CHECKPOINT, WarmupCosine, estimate_loss, read_metrics, sample_windows, train
+
+MODEL = dict(n_layer=1, n_head=2, d_model=32, block_size=16)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    rng = random.Random(0)
+    words = "the king and queen of england shall speak to thee my lord good night sweet prince".split()
+    lines = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 9))) for _ in range(800)]
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def config(corpus, **kw):
+    return {**dict(corpus=str(corpus), batch_size=4, max_steps=12, eval_interval=6, eval_iters=2, log_interval=1,
+                   warmup_steps=2, decay_steps=12, threads=1), **kw}
+
+
+def losses(out):
+    return {row["step"]: row["train_loss"] for row in read_metrics(out)}
+
+
+def test_run_folder_metrics_and_loadable_model(corpus, tmp_path):
+    out = tmp_path / "run"
+    summary = train(out, model=MODEL, config=config(corpus, log_interval=3))
+    assert summary["step"] == 12 and summary["stopped"] == "max_steps"
+    assert {p.name for p in out.iterdir()} >= {"config.json", "model.safetensors", "tokenizer.json", CHECKPOINT,
+                                               "metrics.jsonl", "train_config.json", "data"}
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [3, 6, 9, 12]
+    assert {"step", "elapsed_s", "train_loss", "val_loss", "tokens_per_s", "lr"} <= set(rows[0])
+    assert rows[0]["val_loss"] is None and rows[1]["val_loss"] is not None
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    assert all(b["elapsed_s"] > a["elapsed_s"] > 0 for a, b in zip(rows, rows[1:]))
+    ckpt = torch.load(out / CHECKPOINT, weights_only=True)
+    model = GPT.from_pretrained(out)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in ckpt["model"].items())
+
+
+def test_resume_continues_exactly_in_process(corpus, tmp_path):
+    train(tmp_path / "full", model=MODEL, config=config(corpus))
+    train(tmp_path / "split", model=MODEL, config=config(corpus, max_steps=5))
+    train(tmp_path / "split", config={"max_steps": 12}, resume=True)
+    assert losses(tmp_path / "split") == losses(tmp_path / "full")
+
+
+def test_sigkill_at_any_moment_then_resume_gives_the_same_losses(corpus, tmp_path):
+    steps = 30
+    train(tmp_path / "full", model=MODEL, config=config(corpus, max_steps=steps, decay_steps=steps))
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "attnlab", "train", "--out", str(out), "--quiet", "--corpus", str(corpus),
+           "--n-layer", "1", "--n-head", "2", "--d-model", "32", "--block-size", "16", "--batch-size", "4",
+           "--max-steps", str(steps), "--eval-interval", "6", "--eval-iters", "2", "--log-interval", "1",
+           "--warmup-steps", "2", "--decay-steps", str(steps), "--threads", "1", "--ckpt-interval", "3"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    kill_after = random.Random().randint(4, 24)  # a different moment every run
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().count("\n") >= kill_after:
+            break
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()
+    done = subprocess.run([*cmd[:5], str(out), "--resume", "--quiet"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert losses(out) == losses(tmp_path / "full")
+
+
+def test_grad_accumulation_matches_the_whole_batch(corpus, tmp_path):
+    train(tmp_path / "whole", model=MODEL, config=config(corpus, max_steps=4, batch_size=8))
+    train(tmp_path / "accum", model=MODEL, config=config(corpus, max_steps=4, batch_size=4, grad_accum=2))
+    whole, accum = losses(tmp_path / "whole"), losses(tmp_path / "accum")
+    for step in whole:
+        assert accum[step] == pytest.approx(whole[step], abs=1e-5)
+
+
+def test_bf16_autocast_and_moe_stats(corpus, tmp_path):
+    moe = dict(MODEL, ffn="moe", n_routed_experts=4, n_activated_experts=2, attention="gqa", n_kv_head=1,
+               positions="rope")
+    summary = train(tmp_path / "bf16", model=moe, config=config(corpus, max_steps=3, dtype="bfloat16"))
+    assert summary["precision"] == "bfloat16"
+    row = read_metrics(tmp_path / "bf16")[-1]
+    assert math.isfinite(row["train_loss"]) and 0 < row["train_loss"] < 10
+    assert row["moe_load_imbalance"] >= 1.0 and "moe_router_entropy" in row and row["moe_aux_loss"] > 0
+
+
+def test_warmup_then_cosine_to_the_floor():
+    schedule = WarmupCosine(warmup_steps=10, decay_steps=110, min_ratio=0.1)
+    values = [schedule(s) for s in range(130)]
+    assert all(a < b for a, b in zip(values[:10], values[1:11]))
+    assert max(values) == values[10] == 1.0
+    assert all(a >= b for a, b in zip(values[10:110], values[11:111]))
+    assert values[60] == pytest.approx(0.55) and values[110:] == [0.1] * 20
+
+
+def test_estimate_loss_is_mean_cross_entropy_over_every_window_position():
+    torch.manual_seed(0)
+    model = GPT.from_config(dict(vocab_size=11, **MODEL))
+    data = torch.randint(0, 11, (500,))
+    loss = estimate_loss(model, data, 3, 5, 8, torch.Generator().manual_seed(4))
+    g = torch.Generator().manual_seed(4)
+    windows = [sample_windows(data, 5, 8, g) for _ in range(3)]
+    x, y = torch.cat([w[0] for w in windows]), torch.cat([w[1] for w in windows])
+    with torch.no_grad():
+        expected = F.cross_entropy(model.eval()(x)[0].reshape(-1, 11), y.reshape(-1))
+    assert loss == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_existing_out_needs_overwrite_and_is_left_untouched(corpus, tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("precious")
+    args = ["train", "--out", str(out), "--corpus", str(corpus), "--max-steps", "2", "--quiet", "--threads", "1"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "already exists" in err and "--overwrite" in err and len(err.strip().splitlines()) == 1
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    assert main([*args, "--overwrite", "--n-layer", "1", "--d-model", "32", "--block-size", "16"]) == 0
+    assert (out / "notes.txt").read_text() == "precious" and (out / CHECKPOINT).exists()
+
+
+def test_corrupt_or_mismatched_checkpoints_are_refused_and_kept(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    train(out, model=MODEL, config=config(corpus, max_steps=3))
+    with pytest.raises(ConfigError, match="does not match.*attention: checkpoint has 'mha', requested 'mqa'"):
+        train(out, model={"attention": "mqa"}, resume=True)
+    with pytest.raises(ConfigError, match="lr: checkpoint has 0.001, requested 0.5"):
+        train(out, config={"lr": 0.5}, resume=True)
+    data = (out / CHECKPOINT).read_bytes()
+    (out / CHECKPOINT).write_bytes(data[: len(data) // 2])
+    assert main(["train", "--out", str(out), "--resume", "--quiet"]) == 2
+    assert "corrupt or truncated" in capsys.readouterr().err
+    assert (out / CHECKPOINT).read_bytes() == data[: len(data) // 2]
+    torch.save({"weights": torch.zeros(2)}, out / CHECKPOINT)
+    with pytest.raises(ConfigError, match="not an attnlab training checkpoint"):
+        train(out, resume=True)
+    with pytest.raises(ConfigError, match="nothing to resume"):
+        train(tmp_path / "empty", resume=True)
+
+
+def test_bad_training_settings_name_the_argument(corpus, tmp_path):
+    with pytest.raises(ConfigError, match="lr=0"):
+        train(tmp_path / "a", config=config(corpus, lr=0))
+    with pytest.raises(ConfigError, match="eval_block_size=64 is larger than block_size=16"):
+        train(tmp_path / "b", model=MODEL, config=config(corpus, eval_block_size=64))
+    with pytest.raises(ConfigError, match="unknown TrainConfig fields \\['learning_rate'\\]"):
+        train(tmp_path / "c", config={"learning_rate": 1.0})
+    assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
