@@ -12,7 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from attnlab.attention import GroupedQueryAttention, MultiHeadLatentAttention, RecordsAttention
 from attnlab.bench import flops
-from attnlab.bench.attention import FLOOR, VARIANTS, run_attention
+from attnlab.bench.attention import FLOOR, VARIANTS, fused_mha_op_check, run_attention
 from attnlab.bench.decode import deepseek_v3_cache_ratio, run_decode
 from attnlab.bench.report import QUICK, run_benchmarks
 from attnlab.cli import main
@@ -136,6 +136,11 @@ def test_attention_floor_row_is_the_unit_and_fused_mha_matches_its_flops(tmp_pat
     for r in rows:
         assert r["status"] == "ok" and r["ms"] > 0
         assert r["pct_peak"] == pytest.approx(r["gflops"])  # peak 100 GFLOP/s: % equals GFLOP/s
+
+
+def test_fused_mha_runs_exactly_the_floors_aten_ops():
+    lines = fused_mha_op_check()
+    assert len(lines) == 4 and all("the same aten ops as the floor" in line for line in lines), lines
 
 
 def test_missing_optional_package_makes_its_row_say_not_installed(monkeypatch):

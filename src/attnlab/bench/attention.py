@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from attnlab.bench.flops import gqa_flops, mla_flops
 from attnlab.bench.report import BenchReport, Table, fmt_ratio
@@ -221,12 +222,57 @@ def run_attention(*, peak: dict[str, float], batch: int = 4, seqs=(512, 2048), d
     return rows
 
 
+_BOOKKEEPING_OPS = {"empty", "empty_strided", "as_strided", "detach", "t", "view", "transpose", "expand", "select",
+                    "slice", "unsqueeze", "_reshape_alias", "reshape", "resolve_conj", "resolve_neg", "_unsafe_view"}
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts every aten op that reaches the kernels (forward and backward), views left out."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name not in _BOOKKEEPING_OPS:
+            self.counts[name] = self.counts.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def aten_ops(module: nn.Module, x: torch.Tensor, *, backward: bool, autocast: bool) -> dict[str, int]:
+    """How often each aten op that does work (not a view) runs in one call of the block."""
+    grad = torch.ones_like(x)
+    _step(module, x, grad, backward, autocast)  # first-call effects (lazy inits) stay out of the count
+    with _OpCounter() as counter:
+        _step(module, x, grad, backward, autocast)
+    return counter.counts
+
+
+def fused_mha_op_check(d_model: int = 64, n_heads: int = 4, seq: int = 16, passes=PASSES, dtypes=DTYPES) -> list[str]:
+    """Trace attnlab's fused MHA and the floor per (pass, dtype): the same aten ops, as often, means
+    every gap between them in the timings is Python overhead or machine noise."""
+    torch.manual_seed(0)
+    x = torch.randn(2, seq, d_model)
+    mine, floor = _gqa(None)(d_model, n_heads, seq), _Floor(d_model, n_heads)
+    lines = []
+    for pass_ in passes:
+        for dtype in dtypes:
+            kw = dict(backward=pass_ != "forward", autocast=dtype == "bf16")
+            ours, theirs = aten_ops(mine, x, **kw), aten_ops(floor, x, **kw)
+            verdict = "the same aten ops as the floor ✅" if ours == theirs else (
+                f"different aten ops from the floor ❌: {sorted(set(ours.items()) ^ set(theirs.items()))}")
+            lines.append(f"- aten op trace, {pass_} {dtype}: attnlab MHA (fused) runs {verdict}")
+    return lines
+
+
 def _case_key(row: dict) -> tuple:
     return row["seq"], row["pass_"], row["dtype"]
 
 
-def attention_report(rows: list[dict], *, batch: int, d_model: int, n_heads: int, peak: dict[str, float]) -> BenchReport:
-    """Tables per case, a ratio-to-floor overview, the targets and a bar chart."""
+def attention_report(rows: list[dict], *, batch: int, d_model: int, n_heads: int, peak: dict[str, float],
+                     extra_notes: list[str] = ()) -> BenchReport:
+    """Tables per case, a ratio-to-floor overview, the targets (+ extra_notes) and a bar chart."""
     cases = list(dict.fromkeys(_case_key(r) for r in rows))
     names = list(dict.fromkeys(r["variant"] for r in rows))
     by = {(r["variant"], *_case_key(r)): r for r in rows}
@@ -252,7 +298,7 @@ def attention_report(rows: list[dict], *, batch: int, d_model: int, n_heads: int
         mode="attention",
         title=f"Causal self-attention block: d_model {d_model}, {n_heads} heads, batch {batch}",
         tables=tables,
-        notes=_targets(by, cases) + [
+        notes=_targets(by, cases) + list(extra_notes) + [
             f"Peak (matmul, this machine, same run): fp32 {peak.get('fp32', 0):.0f} GFLOP/s, "
             f"bf16 {peak.get('bf16', 0):.0f} GFLOP/s. GFLOP/s counts the block's model FLOPs "
             "(projections + causal attention, fwd+bwd = 3× fwd; see attnlab.bench.flops).",

@@ -132,8 +132,9 @@ def run_benchmarks(modes, *, out_dir, command: str, quick: bool = False, repeats
     if "attention" in modes:
         kw = sizes["attention"]
         rows = attention.run_attention(peak=measured, device=device, progress=progress, **kw)
+        checks = attention.fused_mha_op_check() if device == "cpu" else []
         write(attention.attention_report(rows, batch=kw["batch"], d_model=kw["d_model"], n_heads=kw["n_heads"],
-                                         peak=measured))
+                                         peak=measured, extra_notes=checks))
     if "decode" in modes:
         kw = sizes["decode"]
         rows = decode.run_decode(device=device, progress=progress, **kw)
