@@ -82,7 +82,7 @@ def smollm2_config(reader) -> GPTConfig:
     n_head = int(_field(reader, "llama.attention.head_count"))
     d_model = int(_field(reader, "llama.embedding_length"))
     return GPTConfig(
-        vocab_size=len(reader.fields["tokenizer.ggml.tokens"].data),
+        vocab_size=len(_field(reader, "tokenizer.ggml.tokens")),
         block_size=int(_field(reader, "llama.context_length")),
         n_layer=int(_field(reader, "llama.block_count")),
         n_head=n_head,
