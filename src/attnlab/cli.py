@@ -344,7 +344,101 @@ def _cmd_bench(args) -> int:
     return 0
 
 
-_COMMANDS = [_add_explain, _add_kv_table, _add_train, _add_generate, _add_viz, _add_heads, _add_bench]
+def _add_compare(sub) -> None:
+    from attnlab.compare import BUDGET_HELP, MODELS, PRESETS
+
+    p = sub.add_parser(
+        "compare", help="train n-gram, MLP and GPTs (MHA/GQA/MQA/MLA, dense/MoE) under one budget; write a report",
+        description="Train every model of the family on the same corpus under the same budget per model, score them "
+                    "on the same val windows and write report.md + report.html (self-contained) with plots to --out.",
+    )
+    p.add_argument("--preset", default="default", choices=list(PRESETS),
+                   help="default: small models, 35 s each (≈ 6 min in all on 2 cores); full: longer and larger")
+    p.add_argument("--models", default=None, help=f"comma-separated subset of {','.join(MODELS)} (default: all)")
+    p.add_argument("--budget", default=None, help=f"per model: {BUDGET_HELP} (default: the preset's)")
+    p.add_argument("--corpus", default=None, help="'shakespeare' (default), a .txt file or a folder of .txt files")
+    p.add_argument("--tokenizer", default=None, choices=["char", "bpe"], help="default: char")
+    p.add_argument("--vocab-size", type=int, default=None, help="BPE vocabulary size")
+    p.add_argument("--seed", type=int, default=None, help="seed for weights, batches and samples (default: 1337)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--prompt", default=None, help="prompt every model continues in the samples")
+    p.add_argument("--out", default="runs/compare", help="report folder (default: runs/compare)")
+    p.add_argument("--overwrite", action="store_true", help="replace the comparison in an existing --out folder")
+    p.add_argument("--quiet", action="store_true", help="no progress display")
+    p.set_defaults(func=_cmd_compare)
+
+
+class _CompareProgress:
+    """One rich status line for the whole comparison (model, step, loss, ETA) plus a line per finished model."""
+
+    def __init__(self, enabled: bool):
+        from rich.console import Console
+
+        self.console = Console(stderr=True)
+        self.enabled = enabled
+        self.status = None
+        self.where = ""
+
+    def __call__(self, event: dict) -> None:
+        if not self.enabled:
+            return
+        from attnlab.compare import LABELS
+
+        eta = event.get("eta_s")
+        eta_text = "" if eta is None else f" · ETA {int(eta // 60)}:{int(eta % 60):02d}"
+        kind = event["event"]
+        if kind == "model":
+            self.where = f"[{event['index'] + 1}/{event['total']}] {LABELS[event['model']]}"
+            line = f"{self.where}: {'fitting' if event['model'] == 'ngram' else 'starting'}"
+        elif kind == "step":
+            val = "" if event["val_loss"] is None else f", val {event['val_loss']:.3f}"
+            line = f"{self.where}: step {event['step']}/~{event['max_steps']}, loss {event['train_loss']:.3f}{val}"
+        elif kind == "done":
+            loss = event["val_loss"]
+            self.console.print(f"{self.where}: {event['status']}" + ("" if loss is None else f", val loss {loss:.4f}"))
+            line = self.where
+        elif kind == "report":
+            line = "writing the report"
+        else:
+            line = "planning (timing one step of each model)"
+        if self.status is None:
+            self.status = self.console.status(line + eta_text)
+            self.status.start()
+        self.status.update(line + eta_text)
+
+    def stop(self) -> None:
+        if self.status is not None:
+            self.status.stop()
+
+
+def _cmd_compare(args) -> int:
+    import shlex
+
+    from attnlab.compare import PRESETS, CompareConfig, compare
+
+    fields = dict(PRESETS[args.preset])
+    given = {"models": None if args.models is None else tuple(m.strip() for m in args.models.split(",") if m.strip()),
+             "budget": args.budget, "corpus": args.corpus, "tokenizer": args.tokenizer, "vocab_size": args.vocab_size,
+             "seed": args.seed, "threads": args.threads, "prompt": args.prompt}
+    fields.update({k: v for k, v in given.items() if v is not None})
+    flags = [] if args.preset == "default" else ["--preset", args.preset]
+    for name, value in given.items():
+        if value is not None:
+            flags += [f"--{name.replace('_', '-')}", ",".join(value) if name == "models" else str(value)]
+    flags += ["--out", args.out] + ["--overwrite"] * args.overwrite
+    progress = _CompareProgress(not args.quiet)
+    try:
+        summary = compare(args.out, CompareConfig(**fields), overwrite=args.overwrite,
+                          command=shlex.join(["attnlab", "compare", *flags]), progress=progress)
+    finally:
+        progress.stop()
+    minutes, seconds = divmod(summary["wall_s"], 60)
+    print(f"{'interrupted: partial ' if summary['interrupted'] else ''}report {summary['report']} "
+          f"(and report.html), {int(minutes)} min {seconds:.0f} s")
+    return 130 if summary["interrupted"] else 0
+
+
+_COMMANDS = [_add_explain, _add_kv_table, _add_train, _add_generate, _add_viz, _add_heads, _add_bench, _add_compare]
 
 
 def build_parser() -> argparse.ArgumentParser:

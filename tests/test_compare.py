@@ -1,0 +1,133 @@
+import json
+import re
+
+import pytest
+
+from attnlab.cli import main
+from attnlab.compare import CompareConfig, compare, count_params, gpt_config, parse_budget
+from attnlab.compare_report import TABLE_HEADERS, table_values
+from attnlab.errors import ConfigError
+from attnlab.models.gpt import GPT, GPTConfig
+
+TINY = {"n_layer": 1, "n_head": 2, "d_model": 16, "block_size": 32, "batch_size": 4, "ffn_hidden": 24,
+        "kv_lora_rank": 8, "n_routed_experts": 4, "ngram_orders": (2, 3), "eval_windows": 6, "sample_tokens": 30,
+        "evals": 3, "threads": 1, "prompt": "ROMEO:\n", "attention_prompt": "To be, or not"}
+
+
+@pytest.fixture
+def corpus(tiny_shakespeare, tmp_path):
+    path = tmp_path / "tiny.txt"
+    path.write_text(tiny_shakespeare.read_text()[:16000])
+    return str(path)
+
+
+def _row(markdown: str, label: str) -> dict:
+    line = next(l for l in markdown.splitlines() if l.startswith(f"| {label}"))
+    return dict(zip(TABLE_HEADERS, [c.strip() for c in line.strip("|").split(" | ")]))
+
+
+def test_tiny_comparison_writes_a_full_report_whose_numbers_match_the_run_files(corpus, tmp_path):
+    out = tmp_path / "cmp"
+    events = []
+    summary = compare(out, {**TINY, "models": ("ngram", "mlp", "mla-moe"), "budget": "6ktok", "corpus": corpus},
+                      command="attnlab compare --budget 6ktok", progress=events.append)
+    assert not summary["interrupted"] and all(r["status"] == "ok" for r in summary["results"].values())
+    assert {"plan", "model", "step", "done", "report"} <= {e["event"] for e in events}
+    assert all(e["eta_s"] >= 0 for e in events)
+
+    md = (out / "report.md").read_text()
+    for name, label in (("ngram", "n-gram"), ("mlp", "MLP n-gram"), ("mla-moe", "GPT · MLA + MoE")):
+        result = json.loads((out / name / "result.json").read_text())
+        row = _row(md, label)
+        assert row["val loss"] == f"{result['val_loss']:.4f}"
+        assert row["bits/char"] == f"{result['bits_per_char']:.3f}"
+        assert row["params (total)"] == f"{result['params_total']:,}"
+        if name != "ngram":
+            metrics = [json.loads(l) for l in (out / name / "metrics.jsonl").read_text().splitlines()]
+            assert row["steps"] == f"{metrics[-1]['step']:,}" and row["train tokens"] == f"{metrics[-1]['tokens']:,}"
+            assert metrics[-1]["tokens"] == 6000 // (4 * 32) * 4 * 32  # the token budget, whole steps
+            values = table_values({**result, "metrics": metrics})
+            assert row["train tok/s"] == f"{values['tokens_per_s']:,.0f}"
+    moe = _row(md, "GPT · MLA + MoE")
+    assert int(moe["params (active)"].replace(",", "")) < int(moe["params (total)"].replace(",", ""))
+    assert moe["KV cache B/token"] != "—" and moe["decode tok/s"] != "—"
+    for section in ("## Results", "## Val loss vs wall time", "## Val loss vs training tokens", "## KV cache vs val loss",
+                    "## MoE expert load over training", "## Samples", "## Attention heatmaps", "## Run"):
+        assert section in md
+    assert md.count("```text\nROMEO:\n") == 3  # one sample per model, same prompt
+    assert "attnlab compare --budget 6ktok" in md and "torch " in md and "cores" in md
+
+    page = (out / "report.html").read_text()
+    assert not re.search(r"https?:|<script|<link|@import|url\(", page, re.I)
+    images = re.findall(r'src="data:image/png;base64,', page)
+    assert len(images) == 5  # loss vs time, vs tokens, KV trade-off, MoE load, attention
+    for png in ("loss_vs_time.png", "loss_vs_tokens.png", "kv_tradeoff.png", "moe_load.png", "attention.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_diverging_model_is_reported_and_the_run_goes_on(corpus, tmp_path, monkeypatch):
+    forward = GPT.forward
+
+    def nan_loss(self, idx, targets=None, **kw):
+        logits, loss = forward(self, idx, targets, **kw)
+        return logits, None if loss is None else loss * float("nan")
+
+    monkeypatch.setattr(GPT, "forward", nan_loss)
+    out = tmp_path / "cmp"
+    summary = compare(out, {**TINY, "models": ("mha", "ngram"), "budget": "3ktok", "corpus": corpus})
+    assert summary["results"]["mha"]["status"] == "diverged"
+    assert summary["results"]["ngram"]["status"] == "ok"
+    md = (out / "report.md").read_text()
+    assert "**diverged**: non-finite train loss (nan) at step" in _row(md, "GPT · MHA")["status"]
+    assert (out / "report.html").is_file()
+
+
+def test_ctrl_c_stops_cleanly_and_still_writes_the_report(corpus, tmp_path):
+    def interrupt(event):
+        if event["event"] == "step" and event["model"] == "mlp":
+            raise KeyboardInterrupt
+
+    out = tmp_path / "cmp"
+    summary = compare(out, {**TINY, "models": ("ngram", "mlp", "mha"), "budget": "3ktok", "corpus": corpus},
+                      progress=interrupt)
+    assert summary["interrupted"]
+    assert [r["status"] for r in summary["results"].values()] == ["ok", "interrupted"]
+    md = (out / "report.md").read_text()
+    assert "**Interrupted**" in md and "Not run: mha." in md and _row(md, "n-gram")["status"] == "ok"
+
+
+def test_moe_members_activate_as_many_ffn_parameters_as_the_dense_ffn():
+    cfg = CompareConfig(**TINY)
+    dense, moe = (GPT(GPTConfig(**gpt_config(cfg, name, 50))) for name in ("mha", "mha-moe"))
+    ffn_dense = sum(p.numel() for p in dense.blocks[0].ffn.parameters())  # 3 · 16 · 24
+    total, active = count_params(moe)
+    gate = moe.blocks[0].ffn.gate.weight.numel()
+    assert active - gate == count_params(dense)[0]  # the same active parameters, router aside
+    assert total - active == (4 - 2) * ffn_dense // 3  # two idle routed experts of ffn_hidden // 3 each
+
+
+def test_budget_strings():
+    assert parse_budget("40s") == ("time", 40.0)
+    assert parse_budget("2m") == ("time", 120.0)
+    assert parse_budget("500ktok") == ("tokens", 500_000.0)
+    assert parse_budget("2Mtok") == ("tokens", 2_000_000.0)
+    for bad in ("40", "2 minutes", "0s", "-3m", "5kb"):
+        with pytest.raises(ConfigError, match="budget="):
+            parse_budget(bad)
+
+
+def test_errors(corpus, tmp_path, capsys):
+    with pytest.raises(ConfigError, match="unknown: gpt5"):
+        CompareConfig(models=("mha", "gpt5"))
+    with pytest.raises(ConfigError, match="too small to run one eval"):
+        compare(tmp_path / "a", {**TINY, "models": ("mlp",), "budget": "100tok", "corpus": corpus})
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("mine")
+    assert main(["compare", "--out", str(tmp_path / "taken"), "--corpus", corpus, "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "already exists" in err and "--overwrite" in err and len(err.strip().splitlines()) == 1
+    assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
+    assert main(["compare", "--models", "mha,bogus", "--out", str(tmp_path / "b"), "--quiet"]) == 2
+    assert "unknown: bogus" in capsys.readouterr().err
+    assert main(["compare", "--budget", "soon", "--out", str(tmp_path / "c"), "--quiet"]) == 2
+    assert "budget='soon'" in capsys.readouterr().err
