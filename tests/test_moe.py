@@ -254,3 +254,17 @@ def test_input_errors():
         moe(torch.randn(D))
     with pytest.raises(ConfigError, match="dispatch='loop'"):
         moe.dispatch = "loop"
+
+
+def test_benchmark_writes_its_report_at_tiny_size(tmp_path):
+    from attnlab.bench.common import machine_info
+    from attnlab.bench.moe import DENSE, FAST, REFERENCE, moe_report, run_moe
+    from attnlab.bench.report import write_report
+
+    sizes = dict(d_model=16, n_routed_experts=4, n_activated_experts=2, n_shared_experts=1, expert_hidden=8, tokens=32)
+    rows = run_moe(**sizes, dtypes=("fp32",), repeats=1, warmup=0)
+    assert {r["variant"] for r in rows} == {FAST, REFERENCE, DENSE}
+    assert rows[0]["max_diff"] < 1e-5
+    paths = write_report(moe_report(rows, **sizes), tmp_path, command="bench_moe.py --tiny", machine=machine_info())
+    text = paths[0].read_text()
+    assert "`bench_moe.py --tiny`" in text and "target ≥ 3×" in text and "target ≤ 1.5×" in text
