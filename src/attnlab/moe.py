@@ -204,9 +204,10 @@ class MoE(nn.Module):
         token = order // k  # (M,) token of each kept assignment
         dtype = weights.dtype
         w1, w2, w3 = (w.to(dtype) for w in (self.experts.w1, self.experts.w2, self.experts.w3))
-        xs = x[token].to(dtype)  # (M, d)
+        xs = x.to(dtype).index_select(0, token)  # (M, d); its backward is an index_add_, not an index_put_
         h = F.silu(_grouped_linear(xs, w1, counts)) * _grouped_linear(xs, w3, counts)  # (M, hidden)
-        out = _grouped_linear(h, w2, counts) * weights.flatten()[order].unsqueeze(-1)  # (M, d)
+        h = h * weights.flatten().index_select(0, order).unsqueeze(-1)  # weight before w2: hidden < d_model
+        out = _grouped_linear(h, w2, counts)  # (M, d)
         return x.new_zeros(n_tokens, self.d_model, dtype=dtype).index_add_(0, token, out)
 
     def _route_reference(self, x, weights, indices, counts, capacity):
