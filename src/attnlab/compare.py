@@ -285,15 +285,16 @@ def _plan(cfg: CompareConfig, names: list[str], vocab_size: int) -> dict:
                                   f"{name} takes {step_s:.2f} s here")
             plans[name] = {"max_steps": 4 * steps, "decay_steps": steps, "max_time": amount, "step_s": step_s,
                            "seconds": amount}
-        plans[name]["eval_interval"] = max(1, plans[name]["decay_steps"] // cfg.evals)
+        steps = plans[name]["decay_steps"]  # an eval costs ~1.3 steps: at most one per 10 steps
+        plans[name]["eval_interval"] = max(steps // cfg.evals, min(steps, 10))
     return plans
 
 
 def _train_config(cfg: CompareConfig, plan: dict, corpus: str) -> dict:
     return {"corpus": corpus, "tokenizer": cfg.tokenizer, "vocab_size": cfg.vocab_size, "batch_size": cfg.batch_size,
-            "max_steps": plan["max_steps"], "decay_steps": plan["decay_steps"], "lr": cfg.lr,
+            "max_steps": plan["max_steps"], "decay_steps": plan["decay_steps"], "max_time": plan["max_time"], "lr": cfg.lr,
             "warmup_steps": min(cfg.warmup_steps, plan["decay_steps"] // 5), "dtype": cfg.dtype,
-            "eval_interval": plan["eval_interval"], "eval_iters": 8, "log_interval": max(1, plan["eval_interval"] // 4),
+            "eval_interval": plan["eval_interval"], "eval_iters": 4, "log_interval": max(1, plan["eval_interval"] // 4),
             "seed": cfg.seed, "threads": cfg.threads, "device": "auto"}
 
 
@@ -338,8 +339,6 @@ def compare(out_dir, config: CompareConfig | dict | None = None, *, overwrite: b
     from attnlab.compare_report import write_report
     from attnlab.data.corpus import load_corpus, prepare_dataset
     from attnlab.data.tokenizer import train_tokenizer
-    from attnlab.train import _process_age
-
     cfg = config if isinstance(config, CompareConfig) else CompareConfig(**(config or {}))
     out = Path(out_dir)
     _check_out(out, overwrite)
@@ -382,7 +381,7 @@ def compare(out_dir, config: CompareConfig | dict | None = None, *, overwrite: b
         emit({"event": "model", "model": name, "index": index, "total": len(cfg.models),
               "eta_s": clock.eta(remaining, clock.planned.get(name, 0.0))})
         begin = time.monotonic()
-        result = {"model": name, "label": LABELS[name], "status": "ok", "start_s": _process_age()}
+        result = {"model": name, "label": LABELS[name], "status": "ok"}
         try:
             if name == "ngram":
                 result.update(_fit_ngram(cfg, train_ids, windows, tokenizer, run))
@@ -445,14 +444,12 @@ def _step_reporter(name, emit, clock: _Clock, remaining: list[str], plan: dict):
 
 
 def _train_gpt(cfg: CompareConfig, plan: dict, name: str, corpus: str, vocab_size: int, run: Path, on_step) -> None:
-    """Train one GPT with the trainer; a time budget counts from this call (data preparation included)."""
-    from attnlab.train import _process_age, train
+    """Train one GPT with the trainer; a time budget counts from its first step."""
+    from attnlab.train import train
 
-    train_cfg = _train_config(cfg, plan, corpus)
-    if plan["max_time"] is not None:
-        train_cfg["max_time"] = _process_age() + plan["max_time"]  # the trainer's clock starts at process start
     try:
-        train(run, model=gpt_config(cfg, name, vocab_size), config=train_cfg, overwrite=True, progress=on_step)
+        train(run, model=gpt_config(cfg, name, vocab_size), config=_train_config(cfg, plan, corpus), overwrite=True,
+              progress=on_step, clock="train")
     finally:
         shutil.rmtree(run / "data", ignore_errors=True)  # the same split as <out>/data
 
@@ -460,8 +457,8 @@ def _train_gpt(cfg: CompareConfig, plan: dict, name: str, corpus: str, vocab_siz
 def _train_mlp(cfg: CompareConfig, plan: dict, train_ids, val_ids, tokenizer, run: Path, on_step) -> None:
     """The neural n-gram on the same batches, optimiser, schedule and evals as the trainer gives
     GPTs (train.train builds GPTs only), writing the same metrics.jsonl fields."""
-    from attnlab.train import METRICS, _autocast as train_autocast, _process_age, TrainConfig, estimate_loss, \
-        make_optimizer, make_scheduler, sample_windows
+    from attnlab.train import METRICS, _autocast as train_autocast, TrainConfig, estimate_loss, make_optimizer, \
+        make_scheduler, sample_windows
 
     tc = TrainConfig(**{k: v for k, v in _train_config(cfg, plan, "shakespeare").items() if k != "corpus"})
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -496,7 +493,7 @@ def _train_mlp(cfg: CompareConfig, plan: dict, train_ids, val_ids, tokenizer, ru
             val_loss = estimate_loss(model, data["val"], tc.eval_iters, tc.batch_size, cfg.block_size, eval_gen,
                                      autocast=autocast, device=device)
         now = time.monotonic()
-        row = {"step": step, "elapsed_s": round(_process_age(), 3), "train_loss": loss_acc / loss_count,
+        row = {"step": step, "elapsed_s": round(now - start, 3), "train_loss": loss_acc / loss_count,
                "val_loss": val_loss, "tokens_per_s": (tokens - last_tokens) / max(now - last_time, 1e-9), "lr": lr,
                "tokens": tokens}
         _append_metrics(run / METRICS, row)

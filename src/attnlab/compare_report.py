@@ -62,7 +62,7 @@ def table_values(result: dict) -> dict:
         values["wall_s"] = sum(t["fit_s"] for t in tried.values()) if tried else None
         values["tokens_per_s"] = result["tokens"] / result["train_s"] if result.get("train_s") else None
     else:
-        values["wall_s"] = rows[-1]["elapsed_s"] - result["start_s"] if rows else None
+        values["wall_s"] = rows[-1]["elapsed_s"] if rows else None
         speeds = [r["tokens_per_s"] for r in rows if r.get("tokens_per_s")]
         values["tokens_per_s"] = statistics.median(speeds) if speeds else None
         if rows:
@@ -123,7 +123,7 @@ def _curves(results: dict, path: Path, x_key: str, x_label: str) -> None:
                 ax.axhline(result["val_loss"], color=color, linestyle="--", linewidth=1.2,
                            label=f"{result['label']} (n={result['n']}), fit once")
             continue
-        points = [(r[x_key] - (result["start_s"] if x_key == "elapsed_s" else 0), r["val_loss"])
+        points = [(r[x_key], r["val_loss"])
                   for r in result["metrics"] if r.get("val_loss") is not None and math.isfinite(r["val_loss"])]
         if not points:
             continue
@@ -131,8 +131,7 @@ def _curves(results: dict, path: Path, x_key: str, x_label: str) -> None:
         label = result["label"] + ("" if result["status"] == "ok" else f" ({result['status']})")
         ax.plot(xs, ys, marker="o", markersize=3, linewidth=1.6, color=color, label=label)
         if result.get("val_loss") is not None and result["metrics"]:
-            last = result["metrics"][-1][x_key] - (result["start_s"] if x_key == "elapsed_s" else 0)
-            ax.plot([last], [result["val_loss"]], marker="*", markersize=11, color=color, linestyle="none")
+            ax.plot([result["metrics"][-1][x_key]], [result["val_loss"]], marker="*", markersize=11, color=color, linestyle="none")
     finals = [r["val_loss"] for r in results.values() if r.get("val_loss") is not None]
     if finals:  # the early, near-uniform losses would squash the interesting end of the curves
         ax.set_ylim(min(finals) - 0.1, min(max(finals) + 0.9, ax.get_ylim()[1]))
@@ -214,8 +213,8 @@ def _blocks(out: Path, info: dict, results: dict) -> list[tuple]:
             "of its window); perplexity = exp(val loss); bits/char = summed loss / characters / ln 2.",
             "params: total; active = used per token (an MoE layer uses its shared and top-2 routed experts). "
             "For the n-gram: stored n-gram counts.",
-            "train tok/s: median over the trainer's log rows (evals included); wall time: from the start of the "
-            "model's training (data preparation included) to its last step; n-gram: fitting every order tried.",
+            "train tok/s: median over the trainer's log rows (evals included); wall time: from the model's first "
+            "training step to its last (periodic evals included); n-gram: fitting every order tried.",
             "KV cache: bytes the model's own cache objects hold (fp32) after a full context of "
             f"{cfg['block_size']} tokens, all {cfg['n_layer']} layers; MLA caches its latent (absorbed mode). "
             f"decode tok/s: greedy decoding of {cfg['block_size'] - 1} tokens, batch 1, with the cache (the MLP "
@@ -295,7 +294,7 @@ def render_markdown(blocks: list[tuple]) -> str:
 
 _CSS = """
 body { font: 15px/1.5 system-ui, -apple-system, "Segoe UI", sans-serif; color: #1d2330; background: #fafbfc;
-       max-width: 1180px; margin: 2em auto; padding: 0 1.2em; }
+       max-width: 1400px; margin: 2em auto; padding: 0 1.2em; }
 h1 { font-size: 1.7em; margin-bottom: .2em; } h2 { margin-top: 1.8em; border-bottom: 1px solid #dde2ea; }
 h3 { margin: 1.1em 0 .3em; font-size: 1em; }
 table { border-collapse: collapse; font-size: 13px; background: white; margin: .6em 0; }
@@ -340,7 +339,7 @@ def write_report(out) -> Path:
     """Draw the plots and write report.md and report.html into the comparison folder ``out``."""
     out = Path(out)
     info, results = load_run(out)
-    _curves(results, out / LOSS_TIME_PNG, "elapsed_s", "wall time since the model's start (s)")
+    _curves(results, out / LOSS_TIME_PNG, "elapsed_s", "wall time of training (s)")
     _curves(results, out / LOSS_TOKENS_PNG, "tokens", "training tokens")
     _kv_plot(results, out / KV_PNG)
     if not _moe_plot(results, out / MOE_PNG):
