@@ -14,7 +14,7 @@ from attnlab.attention import GroupedQueryAttention, MultiHeadLatentAttention, R
 from attnlab.bench import flops
 from attnlab.bench.attention import FLOOR, VARIANTS, fused_mha_op_check, run_attention
 from attnlab.bench.decode import deepseek_v3_cache_ratio, run_decode
-from attnlab.bench.report import QUICK, run_benchmarks
+from attnlab.bench.report import MODES, QUICK, run_benchmarks
 from attnlab.cli import main
 from attnlab.errors import ConfigError
 from attnlab.models.gpt import GPT, GPTConfig
@@ -106,11 +106,10 @@ def _tables(markdown: str) -> list[list[list[str]]]:
 
 
 def test_every_mode_runs_quick_and_writes_well_formed_results(tmp_path):
-    done = run_benchmarks(["peak", "attention", "decode", "train"], out_dir=tmp_path, command="attnlab bench x",
-                          quick=True, device="cpu")
-    assert [report.mode for report, _ in done] == ["peak", "attention", "decode", "train"]
+    done = run_benchmarks(MODES, out_dir=tmp_path, command="attnlab bench x", quick=True, device="cpu")
+    assert [report.mode for report, _ in done] == list(MODES)
     expected_rows = {"peak": 2, "attention": len(VARIANTS), "decode": 5 * len(QUICK["decode"]["contexts"]),
-                     "train": 4 * 2}
+                     "moe": 3, "train": 4 * 2}
     for report, paths in done:
         md = tmp_path / f"{report.mode}.md"
         assert md in paths

@@ -81,6 +81,8 @@ QUICK = {
     "attention": dict(batch=1, seqs=(16,), d_model=32, n_heads=4, repeats=1, warmup=1),
     "decode": dict(contexts=(8, 16), d_model=32, n_heads=4, n_layer=1, vocab_size=16, new_tokens=2,
                    recompute_tokens=1),
+    "moe": dict(d_model=32, n_routed_experts=8, n_activated_experts=2, n_shared_experts=1, expert_hidden=16,
+                tokens=64, repeats=1),
     "train": dict(overrides=dict(n_layer=1, n_head=2, d_model=32, block_size=16, kv_lora_rank=16,
                                  qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, n_dense_layers=0),
                   batch_size=2, steps=1, warmup=1),
@@ -90,6 +92,8 @@ FULL = {
     "attention": dict(batch=4, seqs=(512, 2048), d_model=768, n_heads=12, repeats=5, warmup=1),
     "decode": dict(contexts=(256, 1024, 4096), d_model=768, n_heads=12, n_layer=4, vocab_size=256, new_tokens=16,
                    recompute_tokens=3),
+    "moe": dict(d_model=512, n_routed_experts=64, n_activated_experts=6, n_shared_experts=2, expert_hidden=256,
+                tokens=4096, repeats=5),
     "train": dict(steps=5, warmup=2),
 }
 COMPILED_PRESETS = ("nanogpt-cpu",)  # torch.compile takes minutes per model on 2 CPU cores
@@ -106,7 +110,7 @@ def run_benchmarks(modes, *, out_dir, command: str, quick: bool = False, repeats
     import torch
 
     from attnlab import _checks
-    from attnlab.bench import attention, decode, peak, train
+    from attnlab.bench import attention, decode, moe, peak, train
 
     for mode in modes:
         _checks.one_of("mode", mode, MODES)
@@ -115,7 +119,7 @@ def run_benchmarks(modes, *, out_dir, command: str, quick: bool = False, repeats
         device = "cuda" if torch.cuda.is_available() else "cpu"
     sizes = {mode: dict(kwargs) for mode, kwargs in (QUICK if quick else FULL).items()}
     if repeats is not None:
-        for mode in ("peak", "attention"):
+        for mode in ("peak", "attention", "moe"):
             sizes[mode]["repeats"] = _checks.positive_int("repeats", repeats)
         sizes["train"]["steps"] = repeats
     machine = machine_info()
@@ -140,6 +144,8 @@ def run_benchmarks(modes, *, out_dir, command: str, quick: bool = False, repeats
         rows = decode.run_decode(device=device, progress=progress, **kw)
         write(decode.decode_report(rows, d_model=kw["d_model"], n_heads=kw["n_heads"], n_layer=kw["n_layer"],
                                    vocab_size=kw["vocab_size"]))
+    if "moe" in modes:
+        write(moe.moe_report(moe.run_moe(device=device, progress=progress, **sizes["moe"])))
     if "train" in modes:
         kw = sizes["train"]
         if compile_presets is None:
