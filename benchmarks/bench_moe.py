@@ -30,7 +30,8 @@ def main(argv=None) -> int:
     p.add_argument("--dtypes", default=",".join(DTYPES), help=f"comma-separated, from {', '.join(DTYPES)}")
     p.add_argument("--repeats", type=int, default=5, help="timed calls per row (median reported)")
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: torch's choice); the results go to moe-threads<N>.md/.png")
     p.add_argument("--no-reference", action="store_true", help="skip the slow reference dispatch")
     p.add_argument("--out", default=str(RESULTS), help="results folder (default: benchmarks/results)")
     args = p.parse_args(argv)
@@ -41,7 +42,9 @@ def main(argv=None) -> int:
     rows = run_moe(**sizes, passes=args.passes.split(","), dtypes=args.dtypes.split(","), repeats=args.repeats,
                    warmup=args.warmup, reference=not args.no_reference,
                    progress=lambda message: print(f"… {message}", file=sys.stderr))
-    report = moe_report(rows, **sizes)
+    report = moe_report(rows)
+    if args.threads:
+        report.mode = f"moe-threads{args.threads}"
     command = shlex.join([".venv/bin/python", "benchmarks/bench_moe.py", *(argv if argv is not None else sys.argv[1:])])
     paths = write_report(report, args.out, command=command, machine=machine_info())
     print(paths[0].read_text())

@@ -265,6 +265,6 @@ def test_benchmark_writes_its_report_at_tiny_size(tmp_path):
     rows = run_moe(**sizes, dtypes=("fp32",), repeats=1, warmup=0)
     assert {r["variant"] for r in rows} == {FAST, REFERENCE, DENSE}
     assert rows[0]["max_diff"] < 1e-5
-    paths = write_report(moe_report(rows, **sizes), tmp_path, command="bench_moe.py --tiny", machine=machine_info())
+    paths = write_report(moe_report(rows), tmp_path, command="bench_moe.py --tiny", machine=machine_info())
     text = paths[0].read_text()
     assert "`bench_moe.py --tiny`" in text and "target ≥ 3×" in text and "target ≤ 1.5×" in text
