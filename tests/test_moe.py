@@ -4,6 +4,8 @@ both balancing methods fix a skewed router, capacity dropping, and clear errors.
 import math
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 import torch.nn.functional as F
 
@@ -268,3 +270,30 @@ def test_benchmark_writes_its_report_at_tiny_size(tmp_path):
     paths = write_report(moe_report(rows), tmp_path, command="bench_moe.py --tiny", machine=machine_info())
     text = paths[0].read_text()
     assert "`bench_moe.py --tiny`" in text and "target ≥ 3×" in text and "target ≤ 1.5×" in text
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    n_groups=st.sampled_from([1, 2, 4]),
+    top_k=st.integers(1, 4),
+    shared=st.integers(0, 2),
+    score_func=st.sampled_from(["softmax", "sigmoid"]),
+    capacity_factor=st.sampled_from([None, 0.5, 1.25]),
+    tokens=st.integers(1, 30),
+)
+def test_fast_equals_reference_for_any_config(n_groups, top_k, shared, score_func, capacity_factor, tokens):
+    limited = max(1, n_groups // 2)
+    if top_k > limited * (8 // n_groups):
+        top_k = limited * (8 // n_groups)
+    moe = MoE(8, 8, top_k, 6, n_shared_experts=shared, score_func=score_func, n_expert_groups=n_groups,
+              n_limited_groups=limited, capacity_factor=capacity_factor)
+    x = torch.randn(tokens, 8)
+    grad = torch.randn(tokens, 8)
+    fast = _fwd_bwd(moe, x, grad)
+    moe.dispatch = "reference"
+    ref = _fwd_bwd(moe, x, grad)
+    torch.testing.assert_close(fast[0], ref[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(fast[1], ref[1], atol=1e-5, rtol=0)
+    for param in fast[2]:
+        torch.testing.assert_close(fast[2][param], ref[2][param], atol=1e-5, rtol=0, msg=param)
+    assert fast[3] == ref[3]

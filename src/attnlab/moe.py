@@ -96,10 +96,17 @@ class Experts(nn.Module):
 
 def _grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """x (M, in) sorted by expert, counts[e] rows each; w (E, out, in) -> (M, out), block e times w[e]ᵀ."""
-    if x.device.type == "cpu" and x.dtype != torch.float64 and hasattr(torch, "_grouped_mm"):
+    if _grouped_mm_applies(x, w):
         offsets = counts.cumsum(0).to(torch.int32)  # end row of each expert's block
         return torch._grouped_mm(x, w.transpose(-2, -1), offs=offsets)
     return torch.cat([F.linear(xe, we) for xe, we in zip(x.split(counts.tolist()), w.unbind(0))])
+
+
+def _grouped_mm_applies(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """torch._grouped_mm runs on CPU for fp32/bf16/fp16 when every row stride is a multiple of 16 bytes."""
+    if not hasattr(torch, "_grouped_mm") or x.device.type != "cpu" or x.dtype == torch.float64:
+        return False
+    return all(dim * x.element_size() % 16 == 0 for dim in w.shape[1:])
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
