@@ -183,6 +183,9 @@ def test_cli_bench_errors_are_one_line(tmp_path, capsys):
 def test_unknown_mode_or_preset_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="mode='speed'"):
         run_benchmarks(["speed"], out_dir=tmp_path, command="x", quick=True)
+    with pytest.raises(ConfigError, match="compile preset='gpt5'"):
+        run_benchmarks(["peak"], out_dir=tmp_path, command="x", quick=True, compile_presets=("gpt5",))
+    assert not list(tmp_path.iterdir())  # refused before measuring or writing anything
     from attnlab.bench.train import run_train
 
     with pytest.raises(ConfigError, match="preset='gpt5'"):

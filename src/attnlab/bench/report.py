@@ -122,6 +122,11 @@ def run_benchmarks(modes, *, out_dir, command: str, quick: bool = False, repeats
         for mode in ("peak", "attention", "moe"):
             sizes[mode]["repeats"] = _checks.positive_int("repeats", repeats)
         sizes["train"]["steps"] = repeats
+    if compile_presets is None:
+        compile_presets = () if quick else COMPILED_PRESETS
+    compiled = tuple(train.PRESETS) if compile_presets == "all" else tuple(compile_presets)
+    for name in compiled:
+        _checks.one_of("compile preset", name, tuple(train.PRESETS))
     machine = machine_info()
     done = []
 
@@ -148,9 +153,6 @@ def run_benchmarks(modes, *, out_dir, command: str, quick: bool = False, repeats
         write(moe.moe_report(moe.run_moe(device=device, progress=progress, **sizes["moe"])))
     if "train" in modes:
         kw = sizes["train"]
-        if compile_presets is None:
-            compile_presets = () if quick else COMPILED_PRESETS
-        compiled = tuple(train.PRESETS) if compile_presets == "all" else tuple(compile_presets)
         rows = train.run_train(peak=measured, device=device, progress=progress, compile_presets=compiled, **kw)
         write(train.train_report(rows, peak=measured))
     return done
