@@ -107,7 +107,7 @@ def test_bf16_autocast_and_moe_stats(corpus, tmp_path):
     moe = dict(MODEL, ffn="moe", n_routed_experts=4, n_activated_experts=2, attention="gqa", n_kv_head=1,
                positions="rope")
     summary = train(tmp_path / "bf16", model=moe, config=config(corpus, max_steps=3, dtype="bfloat16"))
-    assert summary["precision"] == "bfloat16"
+    assert summary["precision"] == "bfloat16" and summary["attention_kernel"] == "explicit"  # CPU + bf16 default
     row = read_metrics(tmp_path / "bf16")[-1]
     assert math.isfinite(row["train_loss"]) and 0 < row["train_loss"] < 10
     assert row["moe_load_imbalance"] >= 1.0 and "moe_router_entropy" in row and row["moe_aux_loss"] > 0

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from attnlab import _checks
+from attnlab.attention.record import RecordsAttention
 from attnlab.errors import ConfigError
 from attnlab.data.corpus import atomic_output
 from attnlab.models.gpt import GPT, GPTConfig
@@ -34,7 +35,7 @@ METRICS = "metrics.jsonl"
 _RUN_FILES = (CHECKPOINT, METRICS, "config.json", "model.safetensors", "tokenizer.json", "train_config.json")
 # Fields that may change when resuming: budgets and bookkeeping, never the optimisation itself.
 RESUMABLE_FIELDS = ("max_steps", "max_time", "eval_interval", "log_interval", "ckpt_interval",
-                    "target_val_loss", "compile", "threads", "device")
+                    "target_val_loss", "compile", "threads", "device", "attention_kernel")
 
 
 def _process_age() -> float:
@@ -72,6 +73,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0 disables clipping
     dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 (autocast)
     compile: bool = False
+    attention_kernel: str = "auto"  # auto | fused | explicit; auto: explicit for bf16 on CPU, where it is faster
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     eval_interval: int = 250
     eval_iters: int = 20
@@ -86,6 +88,7 @@ class TrainConfig:
     def __post_init__(self):
         _checks.one_of("tokenizer", self.tokenizer, ("char", "bpe"))
         _checks.one_of("dtype", self.dtype, ("auto", "float32", "bfloat16"))
+        _checks.one_of("attention_kernel", self.attention_kernel, ("auto", "fused", "explicit"))
         for name in ("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_iters", "log_interval"):
             _checks.positive_int(name, getattr(self, name))
         _checks.non_negative_int("warmup_steps", self.warmup_steps)
@@ -265,13 +268,17 @@ def train(
     resume: bool = False,
     overwrite: bool = False,
     progress: Callable[[dict], None] | None = None,
+    clock: str = "process",
 ) -> dict:
     """Train a GPT into ``out_dir``; returns a summary (steps, losses, timings).
 
     model / config: a config object, or a dict of fields overriding the defaults (or, with
     resume=True, overriding the checkpoint's, where only RESUMABLE_FIELDS may differ).
     progress: called on rank 0 with {"event": "start" | "step" | "eval" | "end", ...}.
+    clock: what max_time and elapsed_s count from: "process" (its start, start-up included) or
+    "train" (the first step, so several runs in one process get equal time; attnlab compare).
     """
+    _checks.one_of("clock", clock, ("process", "train"))
     out = Path(out_dir)
     model_over = dataclasses.asdict(model) if isinstance(model, GPTConfig) else dict(model or {})
     train_over = dataclasses.asdict(config) if isinstance(config, TrainConfig) else dict(config or {})
@@ -354,11 +361,17 @@ def train(
 
         model = DistributedDataParallel(raw_model, device_ids=[device.index] if device.type == "cuda" else None,
                                         find_unused_parameters=model_cfg.ffn == "moe")
-    fwd = torch.compile(model) if train_cfg.compile else model
     autocast, precision = _autocast(train_cfg, device)
+    kernel = train_cfg.attention_kernel
+    if kernel == "auto":
+        kernel = "explicit" if device.type == "cpu" and precision == "bfloat16" else "fused"
+    for module in raw_model.modules():
+        if isinstance(module, RecordsAttention):
+            module.fused = kernel == "fused"
+    fwd = torch.compile(model) if train_cfg.compile else model
     writer = _tensorboard(out / "tb", step) if ddp.main else None
 
-    process_start = time.monotonic() - _process_age()
+    process_start = time.monotonic() - (_process_age() if clock == "process" else 0.0)
     start_time = time.monotonic()
 
     def elapsed() -> float:
@@ -383,7 +396,8 @@ def train(
     tokens_per_step = train_cfg.batch_size * train_cfg.grad_accum * model_cfg.block_size
     eval_batch = train_cfg.eval_batch_size or train_cfg.batch_size
     ckpt_every = train_cfg.ckpt_interval or train_cfg.eval_interval
-    summary = {"start_step": step, "precision": precision, "device": str(device), "world_size": ddp.world,
+    summary = {"start_step": step, "precision": precision, "attention_kernel": kernel, "device": str(device),
+               "world_size": ddp.world,
                "params": raw_model.num_params(), "val_loss": None, "stopped": "max_steps"}
     if progress and ddp.main:
         progress({"event": "start", "step": step, "max_steps": train_cfg.max_steps, **summary})
