@@ -32,8 +32,9 @@ def test_tiny_comparison_writes_a_full_report_whose_numbers_match_the_run_files(
     summary = compare(out, {**TINY, "models": ("ngram", "mlp", "mla-moe"), "budget": "6ktok", "corpus": corpus},
                       command="attnlab compare --budget 6ktok", progress=events.append)
     assert not summary["interrupted"] and all(r["status"] == "ok" for r in summary["results"].values())
-    assert {"plan", "model", "step", "done", "report"} <= {e["event"] for e in events}
-    assert all(e["eta_s"] >= 0 for e in events)
+    assert [e["event"] for e in events[:2]] == ["prepare", "plan"]
+    assert {"model", "step", "done", "report"} <= {e["event"] for e in events}
+    assert all(e["eta_s"] >= 0 for e in events[1:])
 
     md = (out / "report.md").read_text()
     for name, label in (("ngram", "n-gram"), ("mlp", "MLP n-gram"), ("mla-moe", "GPT · MLA + MoE")):

@@ -360,7 +360,7 @@ def _add_compare(sub) -> None:
     p.add_argument("--tokenizer", default=None, choices=["char", "bpe"], help="default: char")
     p.add_argument("--vocab-size", type=int, default=None, help="BPE vocabulary size")
     p.add_argument("--seed", type=int, default=None, help="seed for weights, batches and samples (default: 1337)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1, fastest for these small models)")
     p.add_argument("--prompt", default=None, help="prompt every model continues in the samples")
     p.add_argument("--out", default="runs/compare", help="report folder (default: runs/compare)")
     p.add_argument("--overwrite", action="store_true", help="replace the comparison in an existing --out folder")
@@ -399,8 +399,10 @@ class _CompareProgress:
             line = self.where
         elif kind == "report":
             line = "writing the report"
+        elif kind == "prepare":
+            line = "reading the corpus, timing one training step of each model"
         else:
-            line = "planning (timing one step of each model)"
+            line = "starting"
         if self.status is None:
             self.status = self.console.status(line + eta_text)
             self.status.start()

@@ -251,7 +251,7 @@ def _blocks(out: Path, info: dict, results: dict) -> list[tuple]:
         f"command: `{info.get('command') or 'attnlab.compare.compare(...)'}`",
         f"machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']} "
         f"({machine['threads']} threads){', GPU ' + machine['gpu'] if machine.get('gpu') else ''}, Python {info['python']}",
-        f"date: {machine['date']}; whole comparison: {_seconds(wall)}",
+        f"date: {machine['date']}; the whole comparison took {_seconds(wall)} before writing this report",
         f"corpus: {cfg['corpus']} ({info['corpus_chars']:,} characters), {cfg['tokenizer']} tokenizer "
         f"(vocabulary {info['vocab_size']}), {info['train_tokens']:,} train / {info['val_tokens']:,} val tokens",
         f"GPTs: {cfg['n_layer']} layers, d_model {cfg['d_model']}, {cfg['n_head']} heads, block {cfg['block_size']}, "
