@@ -65,6 +65,11 @@ def test_run_folder_metrics_and_loadable_model(corpus, tmp_path):
     assert all(torch.equal(model.state_dict()[k], v) for k, v in ckpt["model"].items())
 
 
+def test_evals_start_at_eval_start_and_always_end_the_run(corpus, tmp_path):
+    train(tmp_path / "run", model=MODEL, config=config(corpus, max_steps=9, eval_interval=2, eval_start=6))
+    assert [r["step"] for r in read_metrics(tmp_path / "run") if r["val_loss"] is not None] == [6, 8, 9]
+
+
 def test_resume_continues_exactly_in_process(corpus, tmp_path):
     train(tmp_path / "full", model=MODEL, config=config(corpus))
     train(tmp_path / "split", model=MODEL, config=config(corpus, max_steps=5))

@@ -34,7 +34,7 @@ CHECKPOINT_FORMAT = "attnlab-train-checkpoint-v1"
 METRICS = "metrics.jsonl"
 _RUN_FILES = (CHECKPOINT, METRICS, "config.json", "model.safetensors", "tokenizer.json", "train_config.json")
 # Fields that may change when resuming: budgets and bookkeeping, never the optimisation itself.
-RESUMABLE_FIELDS = ("max_steps", "max_time", "eval_interval", "log_interval", "ckpt_interval",
+RESUMABLE_FIELDS = ("max_steps", "max_time", "eval_interval", "eval_start", "log_interval", "ckpt_interval",
                     "target_val_loss", "compile", "threads", "device", "attention_kernel")
 
 
@@ -76,6 +76,7 @@ class TrainConfig:
     attention_kernel: str = "auto"  # auto | fused | explicit; auto: explicit for bf16 on CPU, where it is faster
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     eval_interval: int = 250
+    eval_start: int = 0  # no periodic eval before this step (the last step is always evaluated)
     eval_iters: int = 20
     eval_batch_size: int | None = None  # None: batch_size
     eval_block_size: int | None = None  # None: the model's block_size
@@ -92,6 +93,7 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_iters", "log_interval"):
             _checks.positive_int(name, getattr(self, name))
         _checks.non_negative_int("warmup_steps", self.warmup_steps)
+        _checks.non_negative_int("eval_start", self.eval_start)
         for name in ("eval_batch_size", "eval_block_size", "ckpt_interval", "decay_steps", "threads"):
             if getattr(self, name) is not None:
                 _checks.positive_int(name, getattr(self, name))
@@ -150,17 +152,22 @@ def sample_windows(data: torch.Tensor, batch_size: int, block_size: int, generat
 def estimate_loss(model, data: torch.Tensor, iters: int, batch_size: int, block_size: int,
                   generator: torch.Generator, *, autocast=nullcontext, device="cpu") -> float:
     """Mean cross-entropy over every position of iters × batch_size random windows of
-    block_size tokens (nanoGPT's estimate_loss), in eval mode."""
+    block_size tokens (nanoGPT's estimate_loss), in eval mode. The windows are drawn as nanoGPT
+    draws them, batch by batch, then scored in chunks of up to 256 (bigger matmuls, same mean)."""
     was_training = model.training
     model.eval()
+    windows = [sample_windows(data, batch_size, block_size, generator) for _ in range(iters)]
+    x, y = torch.cat([w[0] for w in windows]), torch.cat([w[1] for w in windows])  # (iters * B, T)
     total = 0.0
-    for _ in range(iters):
-        x, y = sample_windows(data, batch_size, block_size, generator)
+    for i in range(0, len(x), _EVAL_CHUNK):
         with autocast():
-            _, loss = model(x.to(device), y.to(device))
-        total += float(loss)
+            _, loss = model(x[i:i + _EVAL_CHUNK].to(device), y[i:i + _EVAL_CHUNK].to(device))
+        total += float(loss) * len(x[i:i + _EVAL_CHUNK])
     model.train(was_training)
-    return total / iters
+    return total / len(x)
+
+
+_EVAL_CHUNK = 256
 
 
 @dataclass
@@ -433,7 +440,7 @@ def train(
         loss_acc += float(step_loss)
         loss_count += 1
 
-        is_eval = step % train_cfg.eval_interval == 0 or step == train_cfg.max_steps
+        is_eval = (step % train_cfg.eval_interval == 0 and step >= train_cfg.eval_start) or step == train_cfg.max_steps
         is_log = step % train_cfg.log_interval == 0 or is_eval
         val_loss = None
         if is_eval:
