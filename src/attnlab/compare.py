@@ -585,6 +585,6 @@ def _record_heatmap(out: Path, name: str, prompt: list[int], tokenizer) -> None:
         model(torch.tensor([ids], dtype=torch.int64))
     layer = len(rec.weights) - 1
     tokens = [tokenizer.decode([i]) for i in ids]
-    fig = plot_grid(tokens, [rec.weights[layer]],
+    fig = plot_grid(tokens, [rec.weights[layer]], first_layer=layer,
                     title=f"{LABELS[name]}: layer {layer}, every head (rows attend → columns)")
     fig.savefig(out / ATTENTION_PNG, dpi=110, metadata={"Software": None})

@@ -152,7 +152,11 @@ def _kv_plot(results: dict, path: Path) -> None:
         ax.scatter([result["kv_bytes_per_token"]], [result["val_loss"]], s=60, color=_COLORS.get(name), zorder=3)
         ax.annotate(result["label"].replace("GPT · ", ""), (result["kv_bytes_per_token"], result["val_loss"]),
                     textcoords="offset points", xytext=(6, 4), fontsize=8)
+    from matplotlib.ticker import FuncFormatter
+
     ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: _bytes(int(value))))
+    ax.margins(x=0.2, y=0.12)
     ax.set_xlabel("KV cache bytes per token (all layers, log scale)")
     ax.set_ylabel("final val loss (nats/token)")
     ax.set_title("memory per token vs quality (lower left is better)")

@@ -64,8 +64,9 @@ def _short(token: str, width: int = 12) -> str:
     return token if len(token) <= width else token[: width - 1] + "…"
 
 
-def plot_grid(tokens, weights, *, title: str | None = None):
+def plot_grid(tokens, weights, *, title: str | None = None, first_layer: int = 0):
     """Every layer (rows) × head (columns) as small heatmaps, token labels on the outer edges.
+    ``first_layer`` numbers the rows when ``weights`` starts at a later layer (e.g. one layer only).
 
     All maps are tiles of one image on one Axes (with white gaps), which draws in a fraction of
     the time of one Axes per head.
@@ -98,7 +99,7 @@ def plot_grid(tokens, weights, *, title: str | None = None):
     for head in range(n_heads):
         ax.text(head * step + (seq - 1) / 2, -1.0, f"head {head}", ha="center", va="bottom", fontsize=9)
     for layer in range(n_layers):
-        ax.text(n_heads * step - gap - 0.2, layer * step + (seq - 1) / 2, f"layer {layer}",
+        ax.text(n_heads * step - gap - 0.2, layer * step + (seq - 1) / 2, f"layer {first_layer + layer}",
                 ha="left", va="center", rotation=270, fontsize=9)
     fig.colorbar(image, ax=ax, shrink=min(0.8, 3.0 / n_layers + 0.2), pad=0.03, label="attention weight")
     fig.suptitle(title or "attention: rows attend (from) → columns (to)", fontsize=14)
