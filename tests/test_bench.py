@@ -12,7 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from attnlab.attention import GroupedQueryAttention, MultiHeadLatentAttention, RecordsAttention
 from attnlab.bench import flops
-from attnlab.bench.attention import FLOOR, VARIANTS, fused_mha_op_check, run_attention
+from attnlab.bench.attention import FLOOR, VARIANTS, aten_ops, fused_mha_op_check, run_attention
 from attnlab.bench.decode import deepseek_v3_cache_ratio, run_decode
 from attnlab.bench.report import MODES, QUICK, run_benchmarks
 from attnlab.cli import main
@@ -140,6 +140,25 @@ def test_attention_floor_row_is_the_unit_and_fused_mha_matches_its_flops(tmp_pat
 def test_fused_mha_runs_exactly_the_floors_aten_ops():
     lines = fused_mha_op_check()
     assert len(lines) == 4 and all("the same aten ops as the floor" in line for line in lines), lines
+
+
+@pytest.mark.parametrize("mode", ["naive", "absorbed"])
+def test_mla_uses_the_fused_cpu_kernel_and_still_equals_the_explicit_path(mode):
+    # MLA's V head is narrower than its Q/K head; the kernel pads it so SDPA's flash kernel runs
+    # instead of its math fallback (which materialises the (T, T) scores).
+    torch.manual_seed(0)
+    module = MultiHeadLatentAttention(32, 4, mode=mode, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4,
+                                      v_head_dim=6)
+    x = torch.randn(2, 7, 32, requires_grad=True)
+    ops = aten_ops(module, x.detach(), backward=True, autocast=False)
+    assert "_scaled_dot_product_flash_attention_for_cpu_backward" in ops and "_safe_softmax" not in ops
+    fused = module(x)
+    (grad_fused,) = torch.autograd.grad(fused.square().sum(), x)
+    module.fused = False
+    explicit = module(x)
+    (grad_explicit,) = torch.autograd.grad(explicit.square().sum(), x)
+    torch.testing.assert_close(fused, explicit, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad_fused, grad_explicit, atol=1e-5, rtol=1e-5)
 
 
 def test_missing_optional_package_makes_its_row_say_not_installed(monkeypatch):

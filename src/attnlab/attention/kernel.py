@@ -77,6 +77,16 @@ def _fused(q, k, v, causal, mask, dropout_p, scale):
         allowed = causal_mask(q_len, k_len, q.device)
         mask = allowed if mask is None else mask & allowed
     gqa = q.size(1) != k.size(1)
+    qk_dim, v_dim = q.size(-1), v.size(-1)
+    if qk_dim != v_dim and q_len > 1 and q.device.type == "cpu":
+        # PyTorch's fused CPU kernel needs one head size for Q/K and V (MLA has qk 192, v 128); otherwise
+        # SDPA falls back to its math path, which materialises the (Tq, Tk) scores. Zero columns change
+        # no score (the scale is explicit) and the first v_dim context columns are the real ones.
+        width = max(qk_dim, v_dim)
+        q, k, v = (F.pad(t, (0, width - t.size(-1))) for t in (q, k, v))
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=gqa,
+        )[..., :v_dim]
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
         enable_gqa=gqa,
