@@ -142,6 +142,8 @@ def run_benchmarks(modes, *, out_dir, command: str, quick: bool = False, repeats
         kw = sizes["attention"]
         rows = attention.run_attention(peak=measured, device=device, progress=progress, **kw)
         checks = attention.fused_mha_op_check() if device == "cpu" else []
+        checks += attention.sdpa_bf16_speedup(batch=kw["batch"], seqs=kw["seqs"], d_model=kw["d_model"],
+                                              n_heads=kw["n_heads"], device=device)
         write(attention.attention_report(rows, batch=kw["batch"], d_model=kw["d_model"], n_heads=kw["n_heads"],
                                          peak=measured, extra_notes=checks))
     if "decode" in modes:
