@@ -321,10 +321,12 @@ def attention_report(rows: list[dict], *, batch: int, d_model: int, n_heads: int
         title=f"Causal self-attention block: d_model {d_model}, {n_heads} heads, batch {batch}",
         tables=tables,
         notes=_targets(by, cases) + list(extra_notes) + [
-            f"Peak (matmul, this machine, same run): fp32 {peak.get('fp32', 0):.0f} GFLOP/s, "
+            f"- peak (best matmul call, this machine, same run): fp32 {peak.get('fp32', 0):.0f} GFLOP/s, "
             f"bf16 {peak.get('bf16', 0):.0f} GFLOP/s. GFLOP/s counts the block's model FLOPs "
             "(projections + causal attention, fwd+bwd = 3× fwd; see attnlab.bench.flops).",
-            f"MLA dims: {mla_dims(d_model, n_heads)} (DeepSeek-V3's ratios at head_dim {d_model // n_heads}); "
+            f"- MLA dims: {mla_dims(d_model, n_heads)} (DeepSeek-V3's ratios at head_dim {d_model // n_heads}); "
+            f"MLA also pays for RoPE and an RMSNorm, and absorbed MLA attends with {n_heads} heads over the "
+            "(kv_lora_rank + rope)-wide latent: the form made for decoding, not for training. "
             "bf16 rows run under torch.autocast.",
         ],
         figure=lambda path: _plot(rows, cases, names, path),
