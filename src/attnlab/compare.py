@@ -232,25 +232,27 @@ def _step_seconds(model, cfg: CompareConfig, vocab_size: int, generator: torch.G
     """Median wall time of one training step (forward, backward, AdamW) after a warm-up step."""
     from attnlab.train import TrainConfig, make_optimizer
 
+    device = _device()
+    model.to(device)
     opt = make_optimizer(model, TrainConfig(lr=cfg.lr))
-    x = torch.randint(vocab_size, (cfg.batch_size, cfg.block_size), generator=generator)
+    x = torch.randint(vocab_size, (cfg.batch_size, cfg.block_size), generator=generator).to(device)
     times = []
     for _ in range(3):
         start = time.perf_counter()
-        with _autocast(cfg):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
             _, loss = model(x, x)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times[1:])
 
 
-def _autocast(cfg: CompareConfig):
-    from contextlib import nullcontext
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.autocast(device, dtype=torch.bfloat16) if cfg.dtype == "bfloat16" else nullcontext()
+def _device() -> torch.device:
+    """Where the trainer puts models (its device="auto")."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _build(name: str, cfg: CompareConfig, vocab_size: int):
@@ -465,7 +467,7 @@ def _train_mlp(cfg: CompareConfig, plan: dict, train_ids, val_ids, tokenizer, ru
         make_scheduler, sample_windows
 
     tc = TrainConfig(**{k: v for k, v in _train_config(cfg, plan, "shakespeare").items() if k != "corpus"})
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = _device()
     autocast, _ = train_autocast(tc, device)
     data = {"train": torch.from_numpy(np.asarray(train_ids, dtype=np.int64)),
             "val": torch.from_numpy(np.asarray(val_ids, dtype=np.int64))}
@@ -540,7 +542,8 @@ def _measure_neural(cfg: CompareConfig, name: str, run: Path, windows: torch.Ten
     from attnlab.models.base import load_pretrained
     from attnlab.train import read_metrics
 
-    model = load_pretrained(run)
+    device = _device()
+    model = load_pretrained(run, map_location=device)
     total, active = count_params(model)
     result = {"params_total": total, "params_active": active, **score(model, windows, tokenizer)}
     rows = read_metrics(run)
@@ -552,16 +555,18 @@ def _measure_neural(cfg: CompareConfig, name: str, run: Path, windows: torch.Ten
                 block.attn.mode = "absorbed"
         caches = model.new_caches(1, cfg.block_size)
         with torch.no_grad():
-            model(windows[:1, :cfg.block_size], caches=caches)
+            model(windows[:1, :cfg.block_size].to(device), caches=caches)
         result.update(kv_bytes_per_token=sum(c.bytes_per_token() for c in caches),
                       kv_bytes_full_context=sum(c.bytes() for c in caches), kv_dtype=str(caches[0].dtype).split(".")[-1])
-    idx = torch.tensor([prompt[-1:]], dtype=torch.int64)
+    idx = torch.tensor([prompt[-1:]], dtype=torch.int64, device=device)
     n_decode = cfg.block_size - 1
     begin = time.perf_counter()
     for _ in stream_tokens(model, idx, n_decode, temperature=0, use_cache=name != "mlp"):
         pass
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     result["decode_tokens_per_s"] = n_decode / (time.perf_counter() - begin)
-    sample = stream_tokens(model, torch.tensor([prompt], dtype=torch.int64), cfg.sample_tokens,
+    sample = stream_tokens(model, torch.tensor([prompt], dtype=torch.int64, device=device), cfg.sample_tokens,
                            temperature=cfg.temperature, seed=cfg.seed, use_cache=name != "mlp")
     result["sample"] = tokenizer.decode(prompt + [int(t[0]) for t in sample])
     return result

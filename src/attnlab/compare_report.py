@@ -195,6 +195,7 @@ def _blocks(out: Path, info: dict, results: dict) -> list[tuple]:
     kind, amount = info["budget"]["kind"], info["budget"]["amount"]
     budget = f"{amount:g} s of wall time" if kind == "time" else f"{amount:,.0f} training tokens"
     ok = {n: r for n, r in results.items() if r["status"] == "ok" and r.get("val_loss") is not None}
+    kv_dtype = next((r["kv_dtype"] for r in results.values() if r.get("kv_dtype")), "float32")
     blocks = [("h1", "attnlab compare: the model family on one budget")]
     if ok:
         best = min(ok, key=lambda n: ok[n]["val_loss"])
@@ -219,7 +220,7 @@ def _blocks(out: Path, info: dict, results: dict) -> list[tuple]:
             "For the n-gram: stored n-gram counts.",
             "train tok/s: median over the trainer's log rows (evals included); wall time: from the model's first "
             "training step to its last (periodic evals included); n-gram: fitting every order tried.",
-            "KV cache: bytes the model's own cache objects hold (fp32) after a full context of "
+            f"KV cache: bytes the model's own cache objects hold ({kv_dtype}) after a full context of "
             f"{cfg['block_size']} tokens, all {cfg['n_layer']} layers; MLA caches its latent (absorbed mode). "
             f"decode tok/s: greedy decoding of {cfg['block_size'] - 1} tokens, batch 1, with the cache (the MLP "
             "and n-gram need none).",
