@@ -65,6 +65,12 @@ def test_run_folder_metrics_and_loadable_model(corpus, tmp_path):
     assert all(torch.equal(model.state_dict()[k], v) for k, v in ckpt["model"].items())
 
 
+def test_tensorboard_events_when_installed(corpus, tmp_path):
+    pytest.importorskip("tensorboard")
+    train(tmp_path / "run", model=MODEL, config=config(corpus, max_steps=2))
+    assert list((tmp_path / "run" / "tb").glob("events.out.tfevents.*"))
+
+
 def test_evals_start_at_eval_start_and_always_end_the_run(corpus, tmp_path):
     train(tmp_path / "run", model=MODEL, config=config(corpus, max_steps=9, eval_interval=2, eval_start=6))
     assert [r["step"] for r in read_metrics(tmp_path / "run") if r["val_loss"] is not None] == [6, 8, 9]

@@ -410,7 +410,7 @@ def train(
         progress({"event": "start", "step": step, "max_steps": train_cfg.max_steps, **summary})
 
     loss_acc, loss_count = 0.0, 0
-    last_log_time, last_log_tokens = time.monotonic(), tokens_seen
+    last_log_time, last_log_tokens, eval_time = time.monotonic(), tokens_seen, 0.0
     moe = bool(raw_model.moe_layers())
     model.train()
     while step < train_cfg.max_steps:
@@ -444,10 +444,12 @@ def train(
         is_log = step % train_cfg.log_interval == 0 or is_eval
         val_loss = None
         if is_eval:
+            eval_started = time.monotonic()
             eval_gen = torch.Generator().manual_seed(train_cfg.seed * 1_000_003 + step)
             val_loss = estimate_loss(raw_model, data["val"], train_cfg.eval_iters, eval_batch, eval_block, eval_gen,
                                      autocast=autocast, device=device)
             summary["val_loss"] = val_loss
+            eval_time += time.monotonic() - eval_started  # tokens_per_s counts training time only
         stop = None
         if train_cfg.target_val_loss is not None and val_loss is not None and val_loss <= train_cfg.target_val_loss:
             stop = "target_val_loss"
@@ -460,9 +462,9 @@ def train(
         if is_log or stop:
             now = time.monotonic()
             row = {"step": step, "elapsed_s": round(elapsed(), 3), "train_loss": loss_acc / loss_count,
-                   "val_loss": val_loss, "tokens_per_s": (tokens_seen - last_log_tokens) / max(now - last_log_time, 1e-9),
+                   "val_loss": val_loss, "tokens_per_s": (tokens_seen - last_log_tokens) / max(now - last_log_time - eval_time, 1e-9),
                    "lr": lr, "tokens": tokens_seen, **_moe_row(raw_model)}
-            loss_acc, loss_count, last_log_time, last_log_tokens = 0.0, 0, now, tokens_seen
+            loss_acc, loss_count, last_log_time, last_log_tokens, eval_time = 0.0, 0, now, tokens_seen, 0.0
             summary["train_loss"] = row["train_loss"]
             if ddp.main:
                 with open(metrics_path, "a") as f:
