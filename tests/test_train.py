@@ -65,6 +65,14 @@ def test_run_folder_metrics_and_loadable_model(corpus, tmp_path):
     assert all(torch.equal(model.state_dict()[k], v) for k, v in ckpt["model"].items())
 
 
+def test_max_time_budget_and_progress_events(corpus, tmp_path):
+    events = []
+    summary = train(tmp_path / "run", model=MODEL, config=config(corpus, max_time=1e-3), progress=events.append)
+    assert summary["stopped"] == "max_time" and summary["step"] == 1  # this process is older than 1 ms
+    assert [e["event"] for e in events] == ["start", "step", "end"]
+    assert events[1]["eta_s"] == 0.0 and events[1]["train_loss"] > 0
+
+
 def test_tensorboard_events_when_installed(corpus, tmp_path):
     pytest.importorskip("tensorboard")
     train(tmp_path / "run", model=MODEL, config=config(corpus, max_steps=2))
