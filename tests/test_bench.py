@@ -161,6 +161,22 @@ def test_mla_uses_the_fused_cpu_kernel_and_still_equals_the_explicit_path(mode):
     torch.testing.assert_close(grad_fused, grad_explicit, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("mask_heads", [None, 1, 6])
+@pytest.mark.parametrize("dims", [(8, 8), (12, 8)])
+def test_kernel_decode_step_with_grouped_heads_equals_the_explicit_path(mask_heads, dims):
+    # One query per head over shared K/V heads: the fused path folds each group into one query block.
+    from attnlab.attention import attend
+
+    qk_dim, v_dim = dims
+    q, k, v = torch.randn(2, 6, 1, qk_dim), torch.randn(2, 2, 9, qk_dim), torch.randn(2, 2, 9, v_dim)
+    mask = None if mask_heads is None else torch.rand(2, mask_heads, 1, 9) > 0.3
+    if mask is not None:
+        mask[..., -1] = True  # every row keeps at least one key
+    fused, _ = attend(q, k, v, causal=True, mask=mask, fused=True)
+    explicit, _ = attend(q, k, v, causal=True, mask=mask, fused=False)
+    torch.testing.assert_close(fused, explicit, atol=1e-5, rtol=1e-5)
+
+
 def test_missing_optional_package_makes_its_row_say_not_installed(monkeypatch):
     monkeypatch.setitem(sys.modules, "x_transformers", None)  # import raises ImportError
     variants = [v for v in VARIANTS if v.requires or v.name == FLOOR]

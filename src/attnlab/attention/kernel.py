@@ -69,28 +69,33 @@ def attend(
 
 
 def _fused(q, k, v, causal, mask, dropout_p, scale):
-    q_len, k_len = q.size(-2), k.size(-2)
+    batch, n_heads, q_len, _ = q.shape
+    n_kv_heads, k_len, v_dim = k.size(1), k.size(-2), v.size(-1)
     is_causal = False
     if causal and q_len == k_len and mask is None:
         is_causal = True
     elif causal and q_len > 1:
         allowed = causal_mask(q_len, k_len, q.device)
         mask = allowed if mask is None else mask & allowed
-    gqa = q.size(1) != k.size(1)
-    qk_dim, v_dim = q.size(-1), v.size(-1)
-    if qk_dim != v_dim and q_len > 1 and q.device.type == "cpu":
+    folded = n_heads != n_kv_heads and q_len == 1 and (mask is None or mask.dim() < 3 or mask.size(-3) == 1)
+    if folded:
+        # One decoding step with grouped K/V heads: a group's queries become the rows of one query
+        # block, so each K/V head is read once, not once per query head (and never copied per head).
+        q = q.reshape(batch, n_kv_heads, n_heads // n_kv_heads, q.size(-1))  # (B, Hkv, G, D)
+        is_causal = False  # a single query sees every key
+    if q.size(-1) != v_dim and q_len > 1 and q.device.type == "cpu":
         # PyTorch's fused CPU kernel needs one head size for Q/K and V (MLA has qk 192, v 128); otherwise
         # SDPA falls back to its math path, which materialises the (Tq, Tk) scores. Zero columns change
         # no score (the scale is explicit) and the first v_dim context columns are the real ones.
-        width = max(qk_dim, v_dim)
-        q, k, v = (F.pad(t, (0, width - t.size(-1))) for t in (q, k, v))
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=gqa,
-        )[..., :v_dim]
-    return F.scaled_dot_product_attention(
+        width = max(q.size(-1), v_dim)
+        q, k, v = (t if t.size(-1) == width else F.pad(t, (0, width - t.size(-1))) for t in (q, k, v))
+    context = F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
-        enable_gqa=gqa,
+        enable_gqa=q.size(1) != k.size(1),
     )
+    if context.size(-1) != v_dim:
+        context = context[..., :v_dim]  # drop the padding columns
+    return context.reshape(batch, n_heads, q_len, v_dim) if folded else context
 
 
 def _explicit(q, k, v, causal, mask, dropout_p, scale):
