@@ -89,7 +89,7 @@ QUICK = {
 }
 FULL = {
     "peak": dict(size=2048, repeats=5),
-    "attention": dict(batch=4, seqs=(512, 2048), d_model=768, n_heads=12, repeats=5, warmup=1),
+    "attention": dict(batch=4, seqs=(512, 2048), d_model=768, n_heads=12, repeats=3, warmup=1),
     "decode": dict(contexts=(256, 1024, 4096), d_model=768, n_heads=12, n_layer=4, vocab_size=256, new_tokens=16,
                    recompute_tokens=3),
     "moe": dict(d_model=512, n_routed_experts=64, n_activated_experts=6, n_shared_experts=2, expert_hidden=256,

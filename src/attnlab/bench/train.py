@@ -42,51 +42,41 @@ def preset_config(name: str, **overrides):
     return GPTConfig(vocab_size=VOCAB_SIZE, **{**fields, **overrides})
 
 
-def _train_step(model, fwd, optimizer, x, y, autocast: bool, moe: bool) -> None:
-    with torch.autocast(x.device.type, dtype=torch.bfloat16) if autocast else nullcontext():
-        _, loss = fwd(x, y)
-        total = loss + model.aux_loss().to(loss.device) if moe else loss
-    total.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    model.update_moe_bias()
+class _Trainer:
+    """A fresh GPT(cfg) with its optimizer, stepping on random tokens in one dtype, eager or compiled."""
 
+    def __init__(self, cfg, batch_size: int, *, dtype: str, compiled: bool, device: torch.device):
+        from attnlab.models.gpt import GPT
+        from attnlab.train import TrainConfig, make_optimizer
 
-def measure_training(cfg, batch_size: int, *, dtype: str = "fp32", compiled: bool = False, steps: int = 5,
-                     warmup: int = 2, device="cpu") -> dict:
-    """Median seconds per optimizer step of a fresh GPT(cfg) on random tokens, plus what it needs.
+        torch.manual_seed(0)
+        self.cfg, self.batch_size, self.device, self.autocast = cfg, batch_size, device, dtype == "bf16"
+        self.model = GPT(cfg).to(device).train()
+        self.optimizer = make_optimizer(self.model, TrainConfig())
+        self.fwd = torch.compile(self.model) if compiled else self.model
+        self.moe = bool(self.model.moe_layers())
+        self.generator = torch.Generator().manual_seed(0)
 
-    The first ``warmup`` steps (where torch.compile compiles) are timed separately as warmup_s.
-    """
-    from attnlab.models.gpt import GPT
-    from attnlab.train import TrainConfig, make_optimizer
-
-    device = torch.device(device)
-    torch.manual_seed(0)
-    model = GPT(cfg).to(device).train()
-    optimizer = make_optimizer(model, TrainConfig())
-    fwd = torch.compile(model) if compiled else model
-    moe = bool(model.moe_layers())
-    generator = torch.Generator().manual_seed(0)
-    times, warmup_s = [], 0.0
-    start = time.perf_counter()
-    for i in range(warmup + steps):
-        tokens = torch.randint(cfg.vocab_size, (batch_size, cfg.block_size + 1), generator=generator).to(device)
+    def step(self) -> float:
+        """One optimizer step, as ``attnlab train`` takes it; returns its wall time in seconds."""
+        tokens = torch.randint(self.cfg.vocab_size, (self.batch_size, self.cfg.block_size + 1),
+                               generator=self.generator).to(self.device)
         x, y = tokens[:, :-1], tokens[:, 1:]
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        _train_step(model, fwd, optimizer, x, y, dtype == "bf16", moe)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if i == warmup - 1:
-            warmup_s = time.perf_counter() - start
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    step_s = statistics.median(times)
-    return {"step_s": step_s, "tokens_per_s": batch_size * cfg.block_size / step_s,
-            "warmup_s": warmup_s, "params": model.num_params()}
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(self.device)
+        start = time.perf_counter()
+        with torch.autocast(self.device.type, dtype=torch.bfloat16) if self.autocast else nullcontext():
+            _, loss = self.fwd(x, y)
+            total = loss + self.model.aux_loss().to(loss.device) if self.moe else loss
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.model.update_moe_bias()
+        if cuda:
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - start
 
 
 def run_train(*, peak: dict[str, float], presets=tuple(PRESETS), dtypes=DTYPES, compile_presets=(),
@@ -94,27 +84,41 @@ def run_train(*, peak: dict[str, float], presets=tuple(PRESETS), dtypes=DTYPES, 
               device="cpu", progress=None) -> list[dict]:
     """tokens/s and MFU of every (preset, dtype, eager/compiled); one dict each.
 
+    Per preset, the (dtype, mode) variants take their timed steps round-robin after ``warmup``
+    untimed steps each (where torch.compile compiles; reported as warmup_s).
     compile_presets: the presets also timed under torch.compile (compiling takes minutes on a CPU).
     overrides: GPTConfig fields applied to every preset (the tests shrink the models with it).
     """
     for name in (*presets, *compile_presets):
         _checks.one_of("preset", name, tuple(PRESETS))
+    device = torch.device(device)
     rows = []
     for name in presets:
         cfg = preset_config(name, **(overrides or {}))
         batch = batch_size or PRESETS[name][1]
         flops_per_token = gpt_train_flops_per_token(cfg, cfg.block_size)
-        for compiled in (False, True) if name in compile_presets else (False,):
-            for dtype in dtypes:
-                mode = "compiled" if compiled else "eager"
-                if progress:
-                    progress(f"train: {name}, {dtype}, {mode}")
-                m = measure_training(cfg, batch, dtype=dtype, compiled=compiled, steps=steps, warmup=warmup,
-                                     device=device)
-                achieved = flops_per_token * m["tokens_per_s"]
-                rows.append(dict(preset=name, dtype=dtype, mode=mode, batch=batch, block_size=cfg.block_size,
-                                 flops_per_token=flops_per_token, achieved_gflops=achieved / 1e9,
-                                 mfu=achieved / (peak[dtype] * 1e9) if peak.get(dtype) else None, **m))
+        kinds = [(dtype, mode) for mode in ("eager", "compiled")[:2 if name in compile_presets else 1]
+                 for dtype in dtypes]
+        trainers, warmup_s = {}, {}
+        for dtype, mode in kinds:
+            if progress:
+                progress(f"train: {name}, {dtype}, {mode}")
+            trainers[(dtype, mode)] = _Trainer(cfg, batch, dtype=dtype, compiled=mode == "compiled", device=device)
+            warmup_s[(dtype, mode)] = sum(trainers[(dtype, mode)].step() for _ in range(warmup))
+        times = {kind: [] for kind in kinds}
+        for _ in range(steps):
+            for kind, trainer in trainers.items():
+                times[kind].append(trainer.step())
+        for (dtype, mode), trainer in trainers.items():
+            step_s = statistics.median(times[(dtype, mode)])
+            tokens_per_s = batch * cfg.block_size / step_s
+            achieved = flops_per_token * tokens_per_s
+            rows.append(dict(preset=name, dtype=dtype, mode=mode, batch=batch, block_size=cfg.block_size,
+                             params=trainer.model.num_params(), step_s=step_s, tokens_per_s=tokens_per_s,
+                             warmup_s=warmup_s[(dtype, mode)], flops_per_token=flops_per_token,
+                             achieved_gflops=achieved / 1e9,
+                             mfu=achieved / (peak[dtype] * 1e9) if peak.get(dtype) else None))
+        del trainers
     return rows
 
 
@@ -133,7 +137,8 @@ def train_report(rows: list[dict], *, peak: dict[str, float]) -> BenchReport:
         f"bf16 {peak.get('bf16', 0):.0f} GFLOP/s; model FLOPs = 3 × forward (causal attention, LM head included, "
         "MoE counts only routed + shared experts).",
         "- presets: " + "; ".join(f"{n}: {_describe(n)}" for n in dict.fromkeys(r["preset"] for r in rows)),
-        "- warm-up s: the untimed first steps; for compiled rows it is mostly torch.compile's compile time.",
+        "- warm-up s: the untimed first steps; for compiled rows it is mostly torch.compile's compile time. "
+        "A preset's variants take their timed steps round-robin, so load from other processes hits them alike.",
     ]
     return BenchReport(mode="train", title="GPT training throughput and MFU", tables=[table], notes=notes,
                        figure=lambda path: _plot(rows, path), data=rows)
