@@ -8,6 +8,7 @@ import torch
 from attnlab.cli import main
 from attnlab.data.tokenizer import CharTokenizer
 from attnlab.errors import ConfigError
+from attnlab import generate as generate_module
 from attnlab.generate import generate, generate_text, sample_next, stream_tokens
 from attnlab.models.gpt import GPT, GPTConfig
 
@@ -95,6 +96,51 @@ def test_bad_sampling_settings_fail_at_the_call(kwargs, match):
         stream_tokens(model, torch.zeros(1, 2, dtype=torch.long), n, **kwargs)
 
 
+@pytest.mark.parametrize("prompt_len, new, expected", [(5, 3, 8), (5, 20, 16), (20, 2, 16)])
+def test_cache_holds_only_the_positions_the_call_can_fill(monkeypatch, prompt_len, new, expected):
+    model = model_for("gqa-rope")
+    sizes = []
+    new_caches = model.new_caches
+    monkeypatch.setattr(model, "new_caches", lambda b, n, **kw: sizes.append(n) or new_caches(b, n, **kw))
+    prompt = torch.randint(0, 20, (1, prompt_len))
+    cached = generate(model, prompt, new, temperature=0)
+    assert set(sizes) == {expected}  # min(block_size 16, prompt + new)
+    assert torch.equal(cached, generate(model, prompt, new, temperature=0, use_cache=False))
+
+
+def scripted_sampler(monkeypatch, script):
+    """Replace the sampler: step i returns the token ids script[i] (one per sequence)."""
+    calls = []
+
+    def sample(logits, **kwargs):
+        calls.append(len(calls))
+        return torch.tensor(script[len(calls) - 1])
+
+    monkeypatch.setattr(generate_module, "sample_next", sample)
+    return calls
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_stop_ids_end_generation_once_every_sequence_stopped(monkeypatch, use_cache):
+    model = model_for("mha-learned")
+    prompt = torch.randint(3, 20, (2, 3))
+    script = [[5, 6], [2, 7], [8, 9], [10, 1], [11, 12]]  # row 0 stops at step 2, row 1 at step 4
+    calls = scripted_sampler(monkeypatch, script)
+    out = generate(model, prompt, 10, temperature=0, use_cache=use_cache, stop_ids=[1, 2])
+    assert len(calls) == 4
+    assert out[:, :3].tolist() == prompt.tolist()
+    assert out[:, 3:].tolist() == [[5, 2, 2, 2], [6, 7, 9, 1]]  # a stopped row repeats its stop token
+    calls = scripted_sampler(monkeypatch, script)
+    assert generate(model, prompt, 5, temperature=0, use_cache=use_cache).shape == (2, 8)  # no stop_ids: all 5
+    assert len(calls) == 5
+
+
+@pytest.mark.parametrize("stop_ids", [[20], [-1], "ab", 3, [True]])
+def test_bad_stop_ids_fail_at_the_call(stop_ids):
+    with pytest.raises(ConfigError, match="stop_ids="):
+        stream_tokens(model_for("mha-learned"), torch.zeros(1, 2, dtype=torch.long), 3, stop_ids=stop_ids)
+
+
 def saved_folder(tmp_path, name="mha-learned"):
     tokenizer = CharTokenizer.from_text("abcdefghij klmnopqr\n")
     model = GPT(GPTConfig(**{**TINY, "vocab_size": tokenizer.vocab_size}, **VARIANTS[name]))
@@ -123,3 +169,26 @@ def test_cli_generate_streams_and_refuses_other_models(tmp_path, capsys):
     assert err.out == "" and "'ngram' model" in err.err and len(err.err.strip().splitlines()) == 1
     assert main(["generate", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_generate_text_and_cli_stop_at_the_tokenizers_eos(tmp_path, monkeypatch, capsys):
+    folder = saved_folder(tmp_path)
+    load = generate_module.load_for_generation
+
+    def load_with_eos(source, device="auto"):
+        model, tokenizer = load(source, device=device)
+        tokenizer.eos_id = tokenizer.stoi["q"]
+        return model, tokenizer
+
+    monkeypatch.setattr(generate_module, "load_for_generation", load_with_eos)
+    script = [[i] for i in CharTokenizer.from_text("abcdefghij klmnopqr\n").encode("hi qbed")]
+    scripted_sampler(monkeypatch, script)
+    assert "".join(generate_text(folder, "ab", 10)) == "hi "  # the eos "q" ends the text and is not shown
+    scripted_sampler(monkeypatch, script)
+    assert "".join(generate_text(folder, "ab", 7, stop_at_eos=False)) == "hi qbed"
+    scripted_sampler(monkeypatch, script)
+    assert main(["generate", str(folder), "--prompt", "ab", "--max-new-tokens", "10"]) == 0
+    assert capsys.readouterr().out == "abhi \n"
+    scripted_sampler(monkeypatch, script)
+    assert main(["generate", str(folder), "--prompt", "ab", "--max-new-tokens", "7", "--no-stop"]) == 0
+    assert capsys.readouterr().out == "abhi qbed\n"

@@ -85,6 +85,12 @@ def test_tokenizer_equals_transformers(ours, hf_tokenizer):
         assert tok.decode(ids) == hf_tokenizer.decode(ids) == text
 
 
+def test_eos_is_im_end_as_in_transformers(ours, hf_tokenizer):
+    _, tok = ours
+    assert tok.eos_id == hf_tokenizer.eos_token_id
+    assert tok.decode([tok.eos_id]) == "<|im_end|>"
+
+
 def test_every_number_character_is_its_own_pre_token(ours):
     # SmolLM2 (and llama.cpp's "smollm" pre-tokenizer) split each \p{N} character off, so no
     # token spans two digits; transformers' GGUF loader skips this split, which only shows on

@@ -208,6 +208,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: keep the smallest set reaching p")
     p.add_argument("--seed", type=int, default=1337, help="sampling seed (default: 1337)")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole context every step (no KV cache)")
+    p.add_argument("--no-stop", action="store_true",
+                   help="keep going past the end-of-sequence token (SmolLM2's <|im_end|>) up to --max-new-tokens")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     p.set_defaults(func=_cmd_generate)
 
@@ -225,7 +227,7 @@ def _cmd_generate(args) -> int:
     prompt = "\n" if prompt is None else prompt
     pieces = generate_text(source, prompt, args.max_new_tokens, temperature=args.temperature,
                            top_k=args.top_k or None, top_p=args.top_p, seed=args.seed,
-                           use_cache=not args.no_cache, device=args.device)
+                           use_cache=not args.no_cache, stop_at_eos=not args.no_stop, device=args.device)
     sys.stdout.write(prompt)
     for piece in pieces:
         sys.stdout.write(piece)

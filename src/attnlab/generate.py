@@ -4,7 +4,9 @@ With the cache, the prompt is run once (prefill) and every new token costs one p
 without it, every step recomputes the whole (cropped) context. At temperature 0 both give
 the same tokens. Past ``block_size`` tokens the context is cropped to the last ``block_size``
 as nanoGPT does; the cached path then re-fills a fresh cache with that window, so it stays
-equal to the uncached path.
+equal to the uncached path. The cache holds only what this call can use: min(block_size,
+prompt + max_new_tokens) positions. Generation stops early once every sequence has produced
+one of ``stop_ids`` (e.g. the tokenizer's end-of-sequence token).
 """
 
 from __future__ import annotations
@@ -47,24 +49,38 @@ def sample_next(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int | 
     return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(logits.device)
 
 
+def _check_stop_ids(stop_ids, vocab_size: int) -> tuple[int, ...]:
+    if stop_ids is None:
+        return ()
+    ids = tuple(stop_ids) if isinstance(stop_ids, (list, tuple, set, frozenset)) else None
+    if ids is None or any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab_size for i in ids):
+        raise ConfigError(f"stop_ids={stop_ids!r} is not allowed: expected token ids in [0, {vocab_size}) or None")
+    return ids
+
+
 def stream_tokens(model, idx: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
                   top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                  use_cache: bool = True) -> Iterator[torch.Tensor]:
-    """Yield the next token ids (B,) one step at a time after the prompt idx (B, T).
-    Arguments are checked at the call, before the first token is asked for."""
+                  use_cache: bool = True, stop_ids=None) -> Iterator[torch.Tensor]:
+    """Yield the next token ids (B,) one step at a time after the prompt idx (B, T), until
+    max_new_tokens or until every sequence has produced one of ``stop_ids`` (a finished sequence
+    repeats its stop token meanwhile). Arguments are checked at the call, before the first token."""
     if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.dtype != torch.int64:
         raise InputTypeError("idx must be an int64 tensor (batch, seq) of token ids")
     if idx.size(1) == 0:
         raise ConfigError("the prompt is empty: generation needs at least one token to start from")
     _checks.non_negative_int("max_new_tokens", max_new_tokens)
     _check_sampling(temperature, top_k, top_p)
+    stop = _check_stop_ids(stop_ids, model.config.vocab_size)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    return _stream(model, idx, max_new_tokens, temperature, top_k, top_p, generator, use_cache)
+    return _stream(model, idx, max_new_tokens, temperature, top_k, top_p, generator, use_cache, stop)
 
 
 @torch.no_grad()
-def _stream(model, idx, max_new_tokens, temperature, top_k, top_p, generator, use_cache):
+def _stream(model, idx, max_new_tokens, temperature, top_k, top_p, generator, use_cache, stop):
     block = model.config.block_size
+    cache_len = min(block, idx.size(1) + max_new_tokens)  # the most positions this call can fill
+    stop = torch.tensor(stop, dtype=torch.int64, device=idx.device) if stop else None
+    finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
     was_training = model.training
     model.eval()
     try:
@@ -73,21 +89,27 @@ def _stream(model, idx, max_new_tokens, temperature, top_k, top_p, generator, us
             context = idx[:, -block:]
             if not use_cache:
                 logits, _ = model(context)
-            elif caches is None or caches[0].length + 1 > block:
+            elif caches is None or caches[0].length + 1 > cache_len:
                 # (Re)fill a cache with the whole cropped context, positions 0..T-1.
-                caches = model.new_caches(idx.size(0), block, device=idx.device)
+                caches = model.new_caches(idx.size(0), cache_len, device=idx.device)
                 logits, _ = model(context, caches=caches)
             else:
                 logits, _ = model(context[:, -1:], caches=caches)  # one new position
             nxt = sample_next(logits[:, -1, :], temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+            if stop is not None:
+                nxt = torch.where(finished, idx[:, -1], nxt)  # a finished sequence repeats its stop token
+                finished |= torch.isin(nxt, stop)
             idx = torch.cat([idx, nxt.unsqueeze(1)], dim=1)
             yield nxt
+            if stop is not None and finished.all():
+                return
     finally:
         model.train(was_training)
 
 
 def generate(model, idx: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
-    """The prompt idx (B, T) followed by max_new_tokens sampled tokens: (B, T + max_new_tokens)."""
+    """The prompt idx (B, T) followed by the sampled tokens: (B, T + max_new_tokens), fewer
+    when ``stop_ids`` ends the generation early."""
     new = list(stream_tokens(model, idx, max_new_tokens, **kwargs))
     return torch.cat([idx, torch.stack(new, dim=1)], dim=1) if new else idx
 
@@ -122,21 +144,25 @@ def load_for_generation(folder, *, device: str = "auto"):
 
 def generate_text(folder, prompt: str, max_new_tokens: int = 200, *, temperature: float = 0.8,
                   top_k: int | None = 200, top_p: float | None = None, seed: int | None = 1337,
-                  use_cache: bool = True, device: str = "auto") -> Iterator[str]:
-    """Stream the text generated after ``prompt`` by the model in ``folder``, piece by piece.
+                  use_cache: bool = True, stop_at_eos: bool = True, device: str = "auto") -> Iterator[str]:
+    """Stream the text generated after ``prompt`` by the model in ``folder``, piece by piece, ending
+    at the tokenizer's end-of-sequence token (not shown) when it has one and ``stop_at_eos``.
     The folder, prompt and settings are checked at the call, before any text is produced."""
     model, tokenizer = load_for_generation(folder, device=device)
     ids = tokenizer.encode(prompt)
     idx = torch.tensor([ids], dtype=torch.int64, device=next(model.parameters()).device)
+    stop_ids = (tokenizer.eos_id,) if stop_at_eos and tokenizer.eos_id is not None else None
     tokens = stream_tokens(model, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                           seed=seed, use_cache=use_cache)
-    return _stream_text(tokens, tokenizer)
+                           seed=seed, use_cache=use_cache, stop_ids=stop_ids)
+    return _stream_text(tokens, tokenizer, stop_ids or ())
 
 
-def _stream_text(tokens, tokenizer) -> Iterator[str]:
+def _stream_text(tokens, tokenizer, stop_ids) -> Iterator[str]:
     new: list[int] = []
     shown = ""
     for token in tokens:
+        if int(token[0]) in stop_ids:
+            break
         new.append(int(token[0]))
         text = tokenizer.decode(new)
         if text.startswith(shown) and not text.endswith("\ufffd"):  # wait for a whole multi-byte character

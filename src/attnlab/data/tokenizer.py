@@ -32,6 +32,8 @@ def _check_ids(ids, vocab_size: int) -> list[int]:
 class CharTokenizer:
     """One id per character, ids in sorted character order (as nanoGPT's shakespeare_char)."""
 
+    eos_id = None  # no end-of-sequence token: generation runs to its length
+
     def __init__(self, chars):
         chars = list(chars)
         if not chars or len(set(chars)) != len(chars) or any(len(c) != 1 for c in chars):
@@ -80,10 +82,12 @@ class CharTokenizer:
 
 
 class BPETokenizer:
-    """Byte-level BPE (GPT-2 style, via HF ``tokenizers``): any text encodes, nothing is unknown."""
+    """Byte-level BPE (GPT-2 style, via HF ``tokenizers``): any text encodes, nothing is unknown.
+    ``eos_id`` is the token that ends a reply (a pretrained model's), None where there is none."""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, eos_id: int | None = None):
         self._tok = tokenizer
+        self.eos_id = eos_id
 
     @classmethod
     def train(cls, text: str, vocab_size: int = 2048, min_frequency: int = 2) -> "BPETokenizer":

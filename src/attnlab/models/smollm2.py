@@ -159,7 +159,7 @@ def smollm2_tokenizer(reader) -> BPETokenizer:
     tok.add_special_tokens([
         AddedToken(t, special=True, normalized=False) for t, kind in zip(tokens, types) if kind == _TOKEN_TYPE_CONTROL
     ])
-    return BPETokenizer(tok)
+    return BPETokenizer(tok, eos_id=int(_field(reader, "tokenizer.ggml.eos_token_id")))  # <|im_end|> for the Instruct model
 
 
 def load_smollm2(dtype: torch.dtype = torch.float32, device=None) -> tuple[GPT, BPETokenizer]:
