@@ -1,5 +1,6 @@
 """The CLI's contract for mistakes: one line on stderr, exit code 2, no traceback."""
 
+import dataclasses
 import subprocess
 import sys
 
@@ -55,3 +56,24 @@ def test_console_entry_point_runs_as_module():
     result = subprocess.run([sys.executable, "-m", "attnlab", "--version"], capture_output=True, text=True)
     assert result.returncode == 0
     assert result.stdout.startswith("attnlab ")
+
+
+def test_train_flags_read_like_their_config_fields(monkeypatch, capsys):
+    from attnlab.models.gpt import GPTConfig
+    from attnlab.train import TrainConfig
+
+    for cls in (GPTConfig, TrainConfig):  # every field's comment is its flag's help
+        assert set(cli._field_comments(cls)) == {f.name for f in dataclasses.fields(cls)}
+    monkeypatch.setenv("COLUMNS", "200")
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert "__" not in out  # no argparse dest names such as MODEL__BLOCK_SIZE
+    for shown in ["--n-layer N ", "--lr X ", "--device NAME ", "--attention {mha,gqa,mqa,mla,wrapper}",
+                  "--tokenizer {char,bpe}", "transformer blocks (default: 4)", "K/V heads; default: n_head for mha"]:
+        assert shown in out
+    args = cli.build_parser().parse_args(["train", "--n-layer", "2", "--lr", "0.01", "--norm", "rmsnorm"])
+    assert (args.model__n_layer, args.train__lr, args.model__norm) == (2, 0.01, "rmsnorm")
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["train", "--attention", "bogus"])
+    assert exc.value.code == 2 and "invalid choice: 'bogus'" in capsys.readouterr().err

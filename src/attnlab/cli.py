@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
+import re
 import sys
 
 from attnlab.errors import UserError
@@ -97,24 +99,39 @@ def _cmd_kv_table(args) -> int:
     return 0
 
 
-def _dataclass_flags(parser, cls, prefix: str, helps: dict[str, str], skip: tuple[str, ...] = ()) -> None:
-    """One --flag per dataclass field; flags not given stay absent, so the library (or the
-    checkpoint being resumed) supplies the value."""
+def _field_comments(cls) -> dict[str, str]:
+    """Each field's trailing ``# comment`` in the dataclass's source: what the field means."""
+    try:
+        lines = inspect.getsource(cls).splitlines()
+    except (OSError, TypeError):  # no source to read: the flags go without their meanings
+        return {}
+    found = (re.match(r"\s+(\w+): [^#=]+=[^#]*#\s*(.+)", line) for line in lines)
+    return {m[1]: m[2] for m in found if m}
+
+
+def _dataclass_flags(parser, cls, prefix: str, skip: tuple[str, ...] = ()) -> None:
+    """One --flag per dataclass field, helped by the field's comment, its choices from the class's
+    CHOICES; flags not given stay absent, so the library (or the checkpoint resumed) supplies the value."""
+    meanings, choices = _field_comments(cls), getattr(cls, "CHOICES", {})
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
-        kind = str(f.type)
-        kw = {"dest": f"{prefix}__{f.name}", "default": argparse.SUPPRESS,
-              "help": f"{helps.get(f.name, f.name.replace('_', ' '))} (default: {f.default})"}
-        if "bool" in kind:
+        kind = str(f.type).split(" ")[0]  # "int | None" -> "int"
+        meaning = meanings.get(f.name, f.name.replace("_", " "))
+        # A field left at None is decided by the library; its comment says how ("None: lr / 10").
+        meaning = meaning.replace("None: ", "default: ") if f.default is None else f"{meaning} (default: {f.default})"
+        kw = {"dest": f"{prefix}__{f.name}", "default": argparse.SUPPRESS, "help": meaning.replace("%", "%%")}
+        if kind == "bool":
             kw["action"] = argparse.BooleanOptionalAction
+        elif f.name in choices:
+            kw["choices"] = choices[f.name]
         else:
-            kw["type"] = int if kind.startswith("int") else float if kind.startswith("float") else str
+            kw["type"], kw["metavar"] = {"int": (int, "N"), "float": (float, "X")}.get(kind, (str, "NAME"))
         parser.add_argument("--" + f.name.replace("_", "-"), **kw)
 
 
 def _add_train(sub) -> None:
-    from attnlab.models.gpt import ATTENTIONS, GPTConfig
+    from attnlab.models.gpt import GPTConfig
     from attnlab.train import TrainConfig
 
     p = sub.add_parser(
@@ -126,14 +143,9 @@ def _add_train(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace the run in an existing --out folder")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    _dataclass_flags(p.add_argument_group("model (GPTConfig)"), GPTConfig, "model", {
-        "attention": "/".join(ATTENTIONS), "ffn": "dense or moe", "activation": "gelu or swiglu",
-        "positions": "learned or rope", "norm": "layernorm or rmsnorm", "n_kv_head": "K/V heads (gqa)"},
-        skip=("vocab_size",))  # the tokenizer decides it
-    _dataclass_flags(p.add_argument_group("training (TrainConfig)"), TrainConfig, "train", {
-        "corpus": "'shakespeare', a .txt file or a folder of .txt files", "tokenizer": "char or bpe",
-        "batch_size": "sequences per micro-step (all processes together)", "max_time": "seconds of wall time",
-        "dtype": "auto, float32 or bfloat16 (autocast)", "target_val_loss": "stop at the first eval at or below this"})
+    _dataclass_flags(p.add_argument_group("model (GPTConfig)"), GPTConfig, "model",
+                     skip=("vocab_size",))  # the tokenizer decides it
+    _dataclass_flags(p.add_argument_group("training (TrainConfig)"), TrainConfig, "train")
     p.set_defaults(func=_cmd_train)
 
 

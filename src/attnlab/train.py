@@ -18,7 +18,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 import torch.distributed as dist
@@ -55,41 +55,46 @@ _IMPORTED_AT = time.monotonic()
 class TrainConfig:
     """How to train: data, optimisation, precision, budgets, evaluation and logging."""
 
+    # Fields with a fixed set of values: checked in __post_init__, offered as choices by the CLI.
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
+        "tokenizer": ("char", "bpe"), "dtype": ("auto", "float32", "bfloat16"),
+        "attention_kernel": ("auto", "fused", "explicit"),
+    }
+
     corpus: str = "shakespeare"  # "shakespeare", a .txt file or a folder of .txt files
-    tokenizer: str = "char"  # char | bpe
-    vocab_size: int | None = None  # bpe only
-    val_fraction: float = 0.1
+    tokenizer: str = "char"  # the corpus's characters or a byte-level BPE trained on it
+    vocab_size: int | None = None  # BPE vocabulary size (bpe only); None: 2048
+    val_fraction: float = 0.1  # share of the corpus held out for evaluation
     batch_size: int = 12  # sequences per micro-step, summed over all DDP processes
     grad_accum: int = 1  # micro-steps per optimizer step
-    max_steps: int = 2000
+    max_steps: int = 2000  # optimizer steps
     max_time: float | None = None  # seconds of this process's wall time (from its start) before stopping
-    lr: float = 1e-3
-    min_lr: float | None = None  # None: lr / 10
-    warmup_steps: int = 100
+    lr: float = 1e-3  # peak learning rate, reached after warmup
+    min_lr: float | None = None  # learning rate at the end of the decay; None: lr / 10
+    warmup_steps: int = 100  # steps of linear warmup
     decay_steps: int | None = None  # cosine decay length; None: max_steps
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.99
-    grad_clip: float = 1.0  # 0 disables clipping
-    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 (autocast)
-    compile: bool = False
-    attention_kernel: str = "auto"  # auto | fused | explicit; auto: explicit for bf16 on CPU, where it is faster
+    weight_decay: float = 0.1  # AdamW decay of matrices and embeddings
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.99  # AdamW beta2
+    grad_clip: float = 1.0  # largest gradient norm; 0 disables clipping
+    dtype: str = "auto"  # auto: bfloat16 autocast on CUDA, float32 on CPU
+    compile: bool = False  # torch.compile the model
+    attention_kernel: str = "auto"  # auto: explicit for bf16 on CPU, where it is faster, else fused
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    eval_interval: int = 250
+    eval_interval: int = 250  # steps between evaluations
     eval_start: int = 0  # no periodic eval before this step (the last step is always evaluated)
-    eval_iters: int = 20
-    eval_batch_size: int | None = None  # None: batch_size
-    eval_block_size: int | None = None  # None: the model's block_size
-    log_interval: int = 10
-    ckpt_interval: int | None = None  # None: every eval
+    eval_iters: int = 20  # batches per evaluation
+    eval_batch_size: int | None = None  # sequences per eval batch; None: batch_size
+    eval_block_size: int | None = None  # tokens per eval window; None: the model's block_size
+    log_interval: int = 10  # steps between progress reports
+    ckpt_interval: int | None = None  # steps between checkpoints; None: at every eval
     target_val_loss: float | None = None  # stop at the first eval at or below this
-    seed: int = 1337
+    seed: int = 1337  # seed of the weights and the batches
     threads: int | None = None  # torch CPU threads; None: torch's default
 
     def __post_init__(self):
-        _checks.one_of("tokenizer", self.tokenizer, ("char", "bpe"))
-        _checks.one_of("dtype", self.dtype, ("auto", "float32", "bfloat16"))
-        _checks.one_of("attention_kernel", self.attention_kernel, ("auto", "fused", "explicit"))
+        for name, allowed in self.CHOICES.items():
+            _checks.one_of(name, getattr(self, name), allowed)
         for name in ("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_iters", "log_interval"):
             _checks.positive_int(name, getattr(self, name))
         _checks.non_negative_int("warmup_steps", self.warmup_steps)

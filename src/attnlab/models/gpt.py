@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,7 @@ from attnlab import _checks
 from attnlab.attention.lecture import MultiHeadAttentionWrapper
 from attnlab.errors import ConfigError, InputTypeError
 from attnlab.models.base import SaveLoadMixin, register_model
+from attnlab.moe import SCORE_FUNCS
 
 ATTENTIONS = ("mha", "gqa", "mqa", "mla", "wrapper")
 MODEL_TYPE = "gpt"
@@ -29,55 +31,58 @@ MODEL_TYPE = "gpt"
 class GPTConfig:
     """Everything needed to rebuild a GPT; saved as config.json next to the weights."""
 
-    vocab_size: int = 65
+    # Fields with a fixed set of values: checked in __post_init__, offered as choices by the CLI.
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
+        "attention": ATTENTIONS, "ffn": ("dense", "moe"), "activation": ("gelu", "swiglu"),
+        "positions": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"), "mla_mode": ("naive", "absorbed"),
+        "score_func": SCORE_FUNCS,
+    }
+
+    vocab_size: int = 65  # token ids the embedding and lm_head cover
     block_size: int = 256  # longest sequence the model is trained (and allowed) to see
-    n_layer: int = 4
-    n_head: int = 4
-    n_kv_head: int | None = None  # None: n_head for mha/gqa, 1 for mqa
-    d_model: int = 128
-    head_dim: int | None = None  # None: d_model // n_head
-    attention: str = "mha"  # mha | gqa | mqa | mla | wrapper
+    n_layer: int = 4  # transformer blocks
+    n_head: int = 4  # query heads per attention layer
+    n_kv_head: int | None = None  # K/V heads; None: n_head for mha/gqa, 1 for mqa
+    d_model: int = 128  # width of the residual stream
+    head_dim: int | None = None  # dims per head; None: d_model // n_head
+    attention: str = "mha"  # the attention variant; wrapper: the lecture's stack of single heads
     # MLA (DeepSeek-V2/V3 names); MLA always carries its own decoupled RoPE.
-    q_lora_rank: int = 0
-    kv_lora_rank: int = 64
-    qk_nope_head_dim: int = 32
-    qk_rope_head_dim: int = 16
-    v_head_dim: int = 32
-    mla_mode: str = "naive"  # naive | absorbed
-    ffn: str = "dense"  # dense | moe
-    activation: str = "gelu"  # gelu | swiglu (dense FFN)
-    ffn_hidden: int | None = None  # None: 4 * d_model (gelu) or 8/3 * d_model rounded up to 8 (swiglu)
+    q_lora_rank: int = 0  # MLA query compression rank; 0: queries are not compressed
+    kv_lora_rank: int = 64  # MLA latent c_kv width: what the absorbed cache holds per token
+    qk_nope_head_dim: int = 32  # MLA per-head query/key dims without RoPE
+    qk_rope_head_dim: int = 16  # MLA per-head query/key dims with RoPE (one RoPE key shared by all heads)
+    v_head_dim: int = 32  # MLA per-head value dims
+    mla_mode: str = "naive"  # naive: per-head K/V from c_kv; absorbed: weights folded, only c_kv cached
+    ffn: str = "dense"  # one MLP per block, or a mixture of experts
+    activation: str = "gelu"  # activation of the dense FFN
+    ffn_hidden: int | None = None  # dense FFN width; None: 4 * d_model (gelu) or 8/3 * d_model rounded up to 8 (swiglu)
     # MoE (DeepSeek-V3 names); every layer from n_dense_layers on is an MoE layer.
-    n_routed_experts: int = 8
-    n_activated_experts: int = 2
-    n_shared_experts: int = 0
-    moe_hidden: int | None = None  # None: ffn_hidden // n_activated_experts
-    n_dense_layers: int = 0
-    score_func: str = "softmax"
-    route_scale: float = 1.0
-    n_expert_groups: int = 1
-    n_limited_groups: int = 1
-    aux_loss_coef: float = 0.01
-    bias_update_speed: float = 0.0
-    capacity_factor: float | None = None
-    positions: str = "learned"  # learned | rope
-    rope_theta: float = 10000.0
-    rope_interleave: bool = False
-    norm: str = "layernorm"  # layernorm | rmsnorm
-    norm_eps: float = 1e-5
-    tie_embeddings: bool = True
-    dropout: float = 0.0
+    n_routed_experts: int = 8  # experts the router chooses from
+    n_activated_experts: int = 2  # routed experts each token uses (top-k)
+    n_shared_experts: int = 0  # experts every token always uses
+    moe_hidden: int | None = None  # width of each expert; None: ffn_hidden // n_activated_experts
+    n_dense_layers: int = 0  # leading layers that keep a dense FFN
+    score_func: str = "softmax"  # router scores (sigmoid as in DeepSeek-V3)
+    route_scale: float = 1.0  # multiplier of the routed experts' weighted sum
+    n_expert_groups: int = 1  # groups of routed experts (V3's group-limited routing)
+    n_limited_groups: int = 1  # groups a token may route into
+    aux_loss_coef: float = 0.01  # weight of the load-balancing loss
+    bias_update_speed: float = 0.0  # auxiliary-loss-free balancing: router bias step per update; 0: off
+    capacity_factor: float | None = None  # tokens an expert takes, as a multiple of its fair share; None: all
+    positions: str = "learned"  # learned absolute embeddings or rotary (RoPE)
+    rope_theta: float = 10000.0  # RoPE base
+    rope_interleave: bool = False  # pair features 2i, 2i+1 (DeepSeek) instead of i, i + dim/2 (Llama, HF)
+    norm: str = "layernorm"  # the pre-norm of every block and the final norm
+    norm_eps: float = 1e-5  # epsilon of the norms
+    tie_embeddings: bool = True  # lm_head shares the token embedding's weights
+    dropout: float = 0.0  # on attention weights and residual branches while training
     bias: bool = False  # biases in every Linear and LayerNorm
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "d_model"):
             _checks.positive_int(name, getattr(self, name))
-        _checks.one_of("attention", self.attention, ATTENTIONS)
-        _checks.one_of("ffn", self.ffn, ("dense", "moe"))
-        _checks.one_of("activation", self.activation, ("gelu", "swiglu"))
-        _checks.one_of("positions", self.positions, ("learned", "rope"))
-        _checks.one_of("norm", self.norm, ("layernorm", "rmsnorm"))
-        _checks.one_of("mla_mode", self.mla_mode, ("naive", "absorbed"))
+        for name, allowed in self.CHOICES.items():
+            _checks.one_of(name, getattr(self, name), allowed)
         _checks.dropout_prob(self.dropout)
         if self.head_dim is None:
             _checks.divisible("d_model", self.d_model, "n_head", self.n_head)
