@@ -26,6 +26,15 @@ def tiny_shakespeare() -> pathlib.Path:
     return TINY_SHAKESPEARE
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread, and far faster than two on a busy shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

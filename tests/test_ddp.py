@@ -15,12 +15,7 @@ from attnlab.train import read_metrics, train
 TOLERANCE = 1e-4
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_two_processes_with_half_the_batch_follow_one_process(tmp_path):

@@ -20,15 +20,6 @@ def test_each_position_sees_exactly_its_previous_context_tokens():
         torch.testing.assert_close(logits[:, t], alone[:, -1], rtol=0, atol=1e-6)
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny matmuls run fastest on one thread; on a busy machine two threads make them ~40x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_overfits_a_tiny_text(one_thread):
     text = "to be, or not to be, that is the question: "
     tok = CharTokenizer.from_text(text)

@@ -15,15 +15,6 @@ from attnlab.moe import MoE, SwiGLU
 D = 16
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny tensors run faster on one thread, and the shared CPU stays free for others."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _fwd_bwd(moe, x, grad):
     x = x.detach().clone().requires_grad_()
     moe.zero_grad()

@@ -21,12 +21,7 @@ from attnlab.train import CHECKPOINT, WarmupCosine, estimate_loss, read_metrics,
 MODEL = dict(n_layer=1, n_head=2, d_model=32, block_size=16)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
