@@ -69,6 +69,18 @@ def _add_kv_table(sub) -> None:
     p.set_defaults(func=_cmd_kv_table)
 
 
+def _rich_table(title: str, headers, rows=(), *, labels: int = 1):
+    """A rich table whose first ``labels`` columns are text (left) and the rest numbers (right)."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    for i, header in enumerate(headers):
+        table.add_column(header, justify="left" if i < labels else "right")
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
 def _cmd_kv_table(args) -> int:
     from attnlab.kvtable import (
         KV_HEADERS, SMALL_HEADERS, kv_table, kv_title, small_model_caches, table_cells, to_markdown,
@@ -80,19 +92,13 @@ def _cmd_kv_table(args) -> int:
         sys.stdout.write(to_markdown(rows, small, dtype=args.dtype))
         return 0
     from rich.console import Console
-    from rich.table import Table
 
     kv_cells, small_cells = table_cells(rows, small)
-    kv = Table(title=kv_title(args.dtype, args.context))
-    for i, header in enumerate(KV_HEADERS):
-        kv.add_column(header, justify="right" if i >= 5 else "left")
+    kv = _rich_table(kv_title(args.dtype, args.context), KV_HEADERS, labels=5)
     for i, cells in enumerate(kv_cells):
         kv.add_row(*cells, end_section=i + 1 < len(rows) and rows[i + 1].model != rows[i].model)
-    sm = Table(title=f"Caches of a small attnlab model after prefill + decoding, {args.dtype}")
-    for i, header in enumerate(SMALL_HEADERS):
-        sm.add_column(header, justify="right" if i >= 1 else "left")
-    for cells in small_cells:
-        sm.add_row(*cells)
+    sm = _rich_table(f"Caches of a small attnlab model after prefill + decoding, {args.dtype}", SMALL_HEADERS,
+                     small_cells)
     console = Console() if sys.stdout.isatty() else Console(width=200)  # a pipe or file gets unwrapped rows
     console.print(kv)
     console.print(sm)
@@ -329,7 +335,6 @@ def _cmd_bench(args) -> int:
     import shlex
 
     from rich.console import Console
-    from rich.table import Table
 
     from attnlab.bench.report import MODES, run_benchmarks
 
@@ -346,12 +351,8 @@ def _cmd_bench(args) -> int:
                           progress=lambda message: status.print(f"[dim]… {message}[/dim]"))
     for report, paths in done:
         for table in report.tables:
-            shown = Table(title=f"{report.title}: {table.title}" if len(report.tables) > 1 else report.title)
-            for i, header in enumerate(table.headers):
-                shown.add_column(header, justify="left" if i == 0 else "right")
-            for row in table.rows:
-                shown.add_row(*row)
-            console.print(shown)
+            title = f"{report.title}: {table.title}" if len(report.tables) > 1 else report.title
+            console.print(_rich_table(title, table.headers, table.rows))
         for note in report.notes:
             console.print(note, markup=False)
         console.print("wrote " + ", ".join(str(p) for p in paths))

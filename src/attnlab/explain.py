@@ -137,6 +137,7 @@ def _batch() -> torch.Tensor:
 
 
 BATCH0 = "batch 0 (batch 1 is a copy)"
+SHOW_BATCH0 = dict(index=(0,), note=BATCH0)  # Section.show(...) arguments that print batch 0 only
 
 
 @contextmanager
@@ -266,21 +267,20 @@ def _causal(seed: int) -> Section:
     mask = ca.mask[:6, :6]
     s.say(f"CausalAttention(d_in=3, d_out=2, context_length=6, dropout=0.0) after "
           f"torch.manual_seed({seed}), on a batch of two copies of the sentence.")
-    s.show("batch", batch, rows=TOKENS, index=(0,), note=BATCH0)
-    s.show("queries = W_query(batch)", seen["q"], rows=TOKENS, index=(0,), note=BATCH0)
-    s.show("keys = W_key(batch)", seen["k"], rows=TOKENS, index=(0,), note=BATCH0)
-    s.show("values = W_value(batch)", seen["v"], rows=TOKENS, index=(0,), note=BATCH0)
-    s.show("scores = queries @ keys.T", scores, rows=TOKENS, cols=TOKENS, index=(0,), note=BATCH0)
+    s.show("batch", batch, rows=TOKENS, **SHOW_BATCH0)
+    s.show("queries = W_query(batch)", seen["q"], rows=TOKENS, **SHOW_BATCH0)
+    s.show("keys = W_key(batch)", seen["k"], rows=TOKENS, **SHOW_BATCH0)
+    s.show("values = W_value(batch)", seen["v"], rows=TOKENS, **SHOW_BATCH0)
+    s.show("scores = queries @ keys.T", scores, rows=TOKENS, cols=TOKENS, **SHOW_BATCH0)
     s.say("The module's mask buffer: 1 above the diagonal marks the future each row must not see.")
     s.show("CausalAttention.mask", mask, rows=TOKENS, cols=TOKENS, integer=True)
     s.say("Masked scores become -inf, so the softmax gives them weight exactly 0.")
-    s.show("masked scores", scores.masked_fill(mask.bool(), float("-inf")), rows=TOKENS, cols=TOKENS,
-           index=(0,), note=BATCH0)
+    s.show("masked scores", scores.masked_fill(mask.bool(), float("-inf")), rows=TOKENS, cols=TOKENS, **SHOW_BATCH0)
     s.show("causal weights = softmax(masked / sqrt(d_k)) (recorded)", rec.weights[0], rows=TOKENS,
            cols=TOKENS, index=(0, 0), note="batch 0, the only head")
     s.say("Zeroing the future after the softmax and renormalising each row (the lecture's first try) "
           "gives the same weights; -inf before the softmax does it in one pass.")
-    s.show("CausalAttention output", context, rows=TOKENS, index=(0,), note=BATCH0)
+    s.show("CausalAttention output", context, rows=TOKENS, **SHOW_BATCH0)
     return s
 
 
@@ -314,8 +314,8 @@ def _dropout(seed: int) -> Section:
     train_out = ca(batch)
     s.say("Inside the module, dropout acts only in training mode. model.eval() turns it off; dropout "
           "has no parameters, so the eval output equals the causal step's output for the same seed.")
-    s.show("CausalAttention output, train mode", train_out, rows=TOKENS, index=(0,), note=BATCH0)
-    s.show("CausalAttention output, eval mode", eval_out, rows=TOKENS, index=(0,), note=BATCH0)
+    s.show("CausalAttention output, train mode", train_out, rows=TOKENS, **SHOW_BATCH0)
+    s.show("CausalAttention output, eval mode", eval_out, rows=TOKENS, **SHOW_BATCH0)
     return s
 
 
@@ -335,14 +335,12 @@ def _wrapper(seed: int) -> Section:
           "W_query, W_key and W_value.")
     for i, head in enumerate(mhw.heads):
         s.show(f"heads[{i}].W_query.weight", head.W_query.weight)
-    s.show("per-head causal weights (recorded)", rec.weights[0], rows=TOKENS, cols=TOKENS,
-           index=(0,), note=BATCH0)
+    s.show("per-head causal weights (recorded)", rec.weights[0], rows=TOKENS, cols=TOKENS, **SHOW_BATCH0)
     for i in range(mhw.num_heads):
-        s.show(f"heads[{i}] output", seen[f"head{i}"], rows=TOKENS, index=(0,), note=BATCH0)
+        s.show(f"heads[{i}] output", seen[f"head{i}"], rows=TOKENS, **SHOW_BATCH0)
     s.say("The wrapper concatenates the heads along the last dimension: num_heads * d_out = 4 columns. "
           "Head 0 was created first from the same seed, so its columns repeat the causal step's output.")
-    s.show("output = cat(heads, dim=-1)", out, rows=TOKENS, cols=("h0 0", "h0 1", "h1 0", "h1 1"),
-           index=(0,), note=BATCH0)
+    s.show("output = cat(heads, dim=-1)", out, rows=TOKENS, cols=("h0 0", "h0 1", "h1 0", "h1 1"), **SHOW_BATCH0)
     return s
 
 
