@@ -207,9 +207,10 @@ def test_cli_bench_quick_writes_results(tmp_path, capsys):
 
 
 def test_cli_bench_errors_are_one_line(tmp_path, capsys):
-    assert main(["bench", "peak", "--quick", "--repeats", "0", "--out", str(tmp_path)]) == 2
-    err = capsys.readouterr().err
-    assert "repeats=0" in err and len(err.strip().splitlines()) == 1
+    for flag, value in (("--repeats", "0"), ("--threads", "-1")):
+        assert main(["bench", "peak", "--quick", flag, value, "--out", str(tmp_path)]) == 2
+        err = capsys.readouterr().err
+        assert f"{flag[2:]}={value}" in err and len(err.strip().splitlines()) == 1
     with pytest.raises(SystemExit) as exit_info:
         main(["bench", "nonsense"])
     assert exit_info.value.code == 2

@@ -328,6 +328,8 @@ def _add_bench(sub) -> None:
     p.add_argument("--compile", default=None,
                    help="train presets also timed under torch.compile: comma-separated names, 'all' or 'none' "
                         "(default: nanogpt-cpu; none with --quick)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice; 1 steadies batch-1 decoding on a busy machine)")
     p.set_defaults(func=_cmd_bench)
 
 
@@ -345,9 +347,11 @@ def _cmd_bench(args) -> int:
     flags = [args.mode, "--out", args.out] + ["--quick"] * args.quick + ["--device", args.device]
     flags += [] if args.repeats is None else ["--repeats", str(args.repeats)]
     flags += [] if args.compile is None else ["--compile", args.compile]
+    flags += [] if args.threads is None else ["--threads", str(args.threads)]
     console, status = Console(), Console(stderr=True)
     done = run_benchmarks(modes, out_dir=args.out, command=shlex.join(["attnlab", "bench", *flags]),
                           quick=args.quick, repeats=args.repeats, device=args.device, compile_presets=compile_presets,
+                          threads=args.threads,
                           progress=lambda message: status.print(f"[dim]… {message}[/dim]"))
     for report, paths in done:
         for table in report.tables:

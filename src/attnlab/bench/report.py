@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -40,7 +41,9 @@ def to_markdown(report: BenchReport, *, command: str, machine: dict, figure_name
         "",
         f"- command: `{command}`",
         f"- machine: {machine['cpu']}, {machine['cores']} cores ({machine['threads']} torch threads)"
-        + (f", {machine['gpu']}" if machine.get("gpu") else "") + f"; torch {machine['torch']}; {machine['date']}",
+        + (f", {machine['gpu']}" if machine.get("gpu") else "") + f"; torch {machine['torch']}; {machine['date']}"
+        + (f"; load average {', '.join(f'{v:.1f}' for v in os.getloadavg())} when written"
+           if hasattr(os, "getloadavg") else ""),
         "- medians of repeated runs after warm-up; ratios measured side by side in the same process",
     ]
     for table in report.tables:
@@ -100,11 +103,12 @@ COMPILED_PRESETS = ("nanogpt-cpu",)  # torch.compile takes minutes per model on 
 
 
 def run_benchmarks(modes, *, out_dir, command: str, quick: bool = False, repeats: int | None = None,
-                   device: str = "auto", compile_presets=None, progress=None) -> list[tuple[BenchReport, list[Path]]]:
+                   device: str = "auto", compile_presets=None, threads: int | None = None,
+                   progress=None) -> list[tuple[BenchReport, list[Path]]]:
     """Run the given modes (the peak is always measured first) and write each one's results.
 
     compile_presets: train presets also timed under torch.compile ("all" for every preset; default
-    COMPILED_PRESETS, none with ``quick``).
+    COMPILED_PRESETS, none with ``quick``). threads: torch CPU threads for the whole run.
     Returns (report, written paths) per mode, in the order run.
     """
     import torch
@@ -127,6 +131,8 @@ def run_benchmarks(modes, *, out_dir, command: str, quick: bool = False, repeats
     compiled = tuple(train.PRESETS) if compile_presets == "all" else tuple(compile_presets)
     for name in compiled:
         _checks.one_of("compile preset", name, tuple(train.PRESETS))
+    if threads is not None:
+        torch.set_num_threads(_checks.positive_int("threads", threads))
     machine = machine_info()
     done = []
 
