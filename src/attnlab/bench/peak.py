@@ -50,6 +50,7 @@ def peak_report(peak: dict[str, float], *, size: int) -> BenchReport:
         mode="peak",
         title="Matmul peak of this machine",
         tables=[Table(f"({size}×{size}) @ ({size}×{size})", ["dtype", "GFLOP/s", "÷ fp32"], rows)],
-        notes=[f"- the denominators of '% of peak' and MFU in the other tables; {amx}"],
+        notes=[f"- the best call after warm-up (a ceiling, not a median); the denominators of '% of peak' and MFU "
+               f"in the other tables; {amx}"],
         data=[{"dtype": name, "gflops": gflops, "size": size} for name, gflops in peak.items()],
     )
