@@ -64,8 +64,11 @@ def test_max_time_budget_and_progress_events(corpus, tmp_path):
     events = []
     summary = train(tmp_path / "run", model=MODEL, config=config(corpus, max_time=1e-3), progress=events.append)
     assert summary["stopped"] == "max_time" and summary["step"] == 1  # this process is older than 1 ms
-    assert [e["event"] for e in events] == ["start", "step", "end"]
+    assert [e["event"] for e in events] == ["start", "eval", "end"]
     assert events[1]["eta_s"] == 0.0 and events[1]["train_loss"] > 0
+    # The budget ended between evals: the final weights are still scored, and the summary says so.
+    assert events[1]["val_loss"] is not None and summary["val_loss"] == events[1]["val_loss"]
+    assert read_metrics(tmp_path / "run")[-1]["val_loss"] == summary["val_loss"]
 
 
 def test_tensorboard_events_when_installed(corpus, tmp_path):

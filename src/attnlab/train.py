@@ -417,6 +417,17 @@ def train(
     loss_acc, loss_count = 0.0, 0
     last_log_time, last_log_tokens, eval_time = time.monotonic(), tokens_seen, 0.0
     moe = bool(raw_model.moe_layers())
+
+    def evaluate() -> float:
+        nonlocal eval_time
+        eval_started = time.monotonic()
+        eval_gen = torch.Generator().manual_seed(train_cfg.seed * 1_000_003 + step)
+        loss = estimate_loss(raw_model, data["val"], train_cfg.eval_iters, eval_batch, eval_block, eval_gen,
+                             autocast=autocast, device=device)
+        summary["val_loss"] = loss
+        eval_time += time.monotonic() - eval_started  # tokens_per_s counts training time only
+        return loss
+
     model.train()
     while step < train_cfg.max_steps:
         lr = scheduler.get_last_lr()[0]
@@ -448,13 +459,9 @@ def train(
         is_eval = (step % train_cfg.eval_interval == 0 and step >= train_cfg.eval_start) or step == train_cfg.max_steps
         is_log = step % train_cfg.log_interval == 0 or is_eval
         val_loss = None
+
         if is_eval:
-            eval_started = time.monotonic()
-            eval_gen = torch.Generator().manual_seed(train_cfg.seed * 1_000_003 + step)
-            val_loss = estimate_loss(raw_model, data["val"], train_cfg.eval_iters, eval_batch, eval_block, eval_gen,
-                                     autocast=autocast, device=device)
-            summary["val_loss"] = val_loss
-            eval_time += time.monotonic() - eval_started  # tokens_per_s counts training time only
+            val_loss = evaluate()
         stop = None
         if train_cfg.target_val_loss is not None and val_loss is not None and val_loss <= train_cfg.target_val_loss:
             stop = "target_val_loss"
@@ -464,6 +471,8 @@ def train(
             flag = torch.tensor([0 if stop is None else 1], device=device)
             dist.broadcast(flag, 0)
             stop = stop or ("max_time" if int(flag) else None)
+        if stop == "max_time" and val_loss is None:
+            val_loss = evaluate()  # a time budget ends between evals: score the final weights too
         if is_log or stop:
             now = time.monotonic()
             row = {"step": step, "elapsed_s": round(elapsed(), 3), "train_loss": loss_acc / loss_count,
@@ -482,7 +491,7 @@ def train(
                     remaining = (train_cfg.max_steps - step) * (now - start_time) / max(1, step - summary["start_step"])
                     if train_cfg.max_time is not None:
                         remaining = min(remaining, max(0.0, train_cfg.max_time - (now - process_start)))
-                    progress({"event": "eval" if is_eval else "step", "max_steps": train_cfg.max_steps,
+                    progress({"event": "eval" if val_loss is not None else "step", "max_steps": train_cfg.max_steps,
                               "eta_s": remaining, **row})
         if stop or step % ckpt_every == 0 or step == train_cfg.max_steps:
             save_checkpoint()
