@@ -21,6 +21,7 @@ from attnlab.attention.cache import KVCache, LatentKVCache
 from attnlab.attention.record import RecordsAttention
 from attnlab.attention.rope import RotaryEmbedding
 from attnlab.errors import ConfigError, InputTypeError
+from attnlab.norm import RMSNorm
 
 MODES = ("naive", "absorbed")
 
@@ -75,11 +76,11 @@ class MultiHeadLatentAttention(RecordsAttention, nn.Module):
             self.wq = nn.Linear(d_model, n_heads * self.qk_head_dim, bias=False)
         else:
             self.wq_a = nn.Linear(d_model, q_lora_rank, bias=False)
-            self.q_norm = nn.RMSNorm(q_lora_rank, eps=norm_eps)
+            self.q_norm = RMSNorm(q_lora_rank, eps=norm_eps)
             self.wq_b = nn.Linear(q_lora_rank, n_heads * self.qk_head_dim, bias=False)
         # One down-projection gives the latent c_kv and the shared RoPE key k_pe together.
         self.wkv_a = nn.Linear(d_model, kv_lora_rank + qk_rope_head_dim, bias=False)
-        self.kv_norm = nn.RMSNorm(kv_lora_rank, eps=norm_eps)
+        self.kv_norm = RMSNorm(kv_lora_rank, eps=norm_eps)
         # Up-projection of the latent into per-head [k_nope | v]: rows are head-major.
         self.wkv_b = nn.Linear(kv_lora_rank, n_heads * (qk_nope_head_dim + v_head_dim), bias=False)
         self.wo = nn.Linear(n_heads * v_head_dim, d_model, bias=False)

@@ -22,6 +22,7 @@ from attnlab.attention.lecture import MultiHeadAttentionWrapper
 from attnlab.errors import ConfigError, InputTypeError
 from attnlab.models.base import SaveLoadMixin, register_model
 from attnlab.moe import SCORE_FUNCS
+from attnlab.norm import RMSNorm
 
 ATTENTIONS = ("mha", "gqa", "mqa", "mla", "wrapper")
 MODEL_TYPE = "gpt"
@@ -142,7 +143,7 @@ class GPTConfig:
 
 def _norm(cfg: GPTConfig) -> nn.Module:
     if cfg.norm == "rmsnorm":
-        return nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        return RMSNorm(cfg.d_model, eps=cfg.norm_eps)
     return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
 
 
