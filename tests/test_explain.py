@@ -115,7 +115,7 @@ def test_multi_head_numbers_are_the_library_s(outputs, fmt):
     text = outputs[("multihead", fmt)]
     torch.manual_seed(123)
     mha = MultiHeadAttention(3, 2, 6, 0.0, num_heads=2)
-    out = printed(text, "MultiHeadAttention output = out_proj(merged) (6 tokens)", 12, fmt)
+    out = printed(text, "MultiHeadAttention output = out_proj(merged) [6-token example]", 12, fmt)
     assert close(out, mha(BATCH)[0]) and close(out[:2], torch.tensor([0.3190, 0.4858]))
 
     torch.manual_seed(123)
@@ -123,9 +123,9 @@ def test_multi_head_numbers_are_the_library_s(outputs, fmt):
     x = torch.rand(1, 11, 8)
     with record_attention(mha) as rec:
         out = mha(x)
-    assert close(printed(text, "MultiHeadAttention output = out_proj(merged) (11 tokens)", 44, fmt), out[0])
-    assert close(printed(text, "per-head causal weights (recorded) (11 tokens)", 242, fmt), rec.weights[0][0])
-    split = printed(text, "W_query.weight split into heads (11 tokens)", 32, fmt)
+    assert close(printed(text, "MultiHeadAttention output = out_proj(merged) [11-token example]", 44, fmt), out[0])
+    assert close(printed(text, "per-head causal weights (recorded) [11-token example]", 242, fmt), rec.weights[0][0])
+    split = printed(text, "W_query.weight split into heads [11-token example]", 32, fmt)
     assert close(split[:16], mha.W_query.weight[:2]) and close(split[16:], mha.W_query.weight[2:])
 
 
@@ -154,10 +154,10 @@ def test_shown_scores_are_the_ones_the_kernel_softmaxes():
     assert torch.allclose(torch.softmax(scores / math.sqrt(2), dim=-1), weights, atol=1e-6)
     (multihead,) = build_sections("multihead")
     items = multihead.items
-    scores = items["per-head scores = queries @ keys.T (11 tokens)"].tensor
+    scores = items["per-head scores = queries @ keys.T [11-token example]"].tensor
     mask = torch.ones(11, 11, dtype=torch.bool).tril()
     expected = torch.softmax(scores.masked_fill(~mask, float("-inf")) / math.sqrt(2), dim=-1)
-    assert torch.allclose(expected, items["per-head causal weights (recorded) (11 tokens)"].tensor, atol=1e-6)
+    assert torch.allclose(expected, items["per-head causal weights (recorded) [11-token example]"].tensor, atol=1e-6)
 
 
 def test_projections_tell_dog_from_ball():

@@ -354,7 +354,7 @@ def _multihead(seed: int) -> Section:
     mha = MultiHeadAttention(3, 2, context_length=6, dropout=0.0, num_heads=2).eval()
     s.say(f"Example 1: the six tokens, a batch of two copies, MultiHeadAttention(d_in=3, d_out=2, "
           f"context_length=6, dropout=0.0, num_heads=2) after torch.manual_seed({seed}): head_dim = 1.")
-    _walk_mha(s, mha, _batch(), TOKENS, note=BATCH0, tag="(6 tokens)")
+    _walk_mha(s, mha, _batch(), TOKENS, note=BATCH0, tag="[6-token example]")
 
     torch.manual_seed(seed)
     mha = MultiHeadAttention(8, 4, context_length=11, dropout=0.0, num_heads=2).eval()
@@ -363,7 +363,7 @@ def _multihead(seed: int) -> Section:
     s.say(f"Example 2 (the lecture notes' 2-head example): 11 tokens, d_in=8, d_out=4, num_heads=2, "
           f"head_dim=2, after torch.manual_seed({seed}). The inputs are random numbers drawn from the "
           "same seed right after the weights, not real embeddings.")
-    _walk_mha(s, mha, x, positions, note="batch 0 (the only one)", tag="(11 tokens)")
+    _walk_mha(s, mha, x, positions, note="batch 0 (the only one)", tag="[11-token example]")
     return s
 
 
