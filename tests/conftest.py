@@ -39,3 +39,20 @@ def one_thread():
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path) -> str:
+    """A small random Encoder saved with MiniLM's WordPiece tokenizer: a CHECKPOINT_FOLDER for the CLI."""
+    from attnlab.errors import ConfigError
+    from attnlab.models import pretrained
+    from attnlab.models.encoder import Encoder, EncoderConfig
+
+    try:
+        tokenizer = pretrained.WordPieceTokenizer.from_file(pretrained.minilm_path() / "tokenizer.json")
+    except ConfigError as err:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(str(err))
+    model = Encoder(EncoderConfig(d_model=16, n_layer=2, n_head=4, ffn_hidden=32, max_position_embeddings=32))
+    return str(model.save_pretrained(tmp_path / "ckpt", tokenizer=tokenizer))

@@ -96,21 +96,6 @@ def test_causal_model_notes_later_words():
     assert "strongest 'brush' → 'with'" not in text and "strongest 'brush' → 'the'" in text
 
 
-@pytest.fixture
-def tiny_checkpoint(tmp_path):
-    from attnlab.models import pretrained
-    from attnlab.models.encoder import Encoder, EncoderConfig
-
-    try:
-        tokenizer = pretrained.WordPieceTokenizer.from_file(pretrained.minilm_path() / "tokenizer.json")
-    except ConfigError as err:
-        if os.environ.get("CI"):
-            raise
-        pytest.skip(str(err))
-    model = Encoder(EncoderConfig(d_model=16, n_layer=2, n_head=4, ffn_hidden=32, max_position_embeddings=32))
-    return str(model.save_pretrained(tmp_path / "ckpt", tokenizer=tokenizer))
-
-
 def test_cli_heads(tiny_checkpoint, capsys):
     from attnlab.cli import main
     from attnlab.models.pretrained import load_attention_model

@@ -1,7 +1,6 @@
 """PNG heatmaps and the self-contained HTML page: shapes, escaping, no network, errors."""
 
 import json
-import os
 import re
 
 import numpy as np
@@ -101,22 +100,6 @@ def test_views_and_jupyter_repr(tmp_path):
         AttentionView(TOKENS, weights, heads=[0, 3])
     with pytest.raises(ConfigError, match="layer=-1"):
         AttentionView(TOKENS, weights, layer=-1)
-
-
-@pytest.fixture
-def tiny_checkpoint(tmp_path):
-    """A small random Encoder saved with MiniLM's WordPiece tokenizer: a CHECKPOINT_FOLDER for the CLI."""
-    pretrained = pytest.importorskip("attnlab.models.pretrained")
-    from attnlab.models.encoder import Encoder, EncoderConfig
-
-    try:
-        tokenizer = pretrained.WordPieceTokenizer.from_file(pretrained.minilm_path() / "tokenizer.json")
-    except ConfigError as err:
-        if os.environ.get("CI"):
-            raise
-        pytest.skip(str(err))
-    model = Encoder(EncoderConfig(d_model=16, n_layer=2, n_head=4, ffn_hidden=32, max_position_embeddings=32))
-    return str(model.save_pretrained(tmp_path / "ckpt", tokenizer=tokenizer))
 
 
 def test_cli_viz_writes_every_file_and_never_overwrites(tiny_checkpoint, tmp_path, capsys):

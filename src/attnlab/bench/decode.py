@@ -120,7 +120,7 @@ def decode_report(rows: list[dict], *, d_model: int, n_heads: int, n_layer: int,
              fmt_ratio(r["speedup"]), f"{r['cache_bytes_per_token']:,}",
              f"{r['cache_bytes_at_context'] / 2**20:,.2f}"] for r in rows]
     table = Table(
-        f"Greedy decoding, batch 1: tokens/s with the KV cache and recomputing the context",
+        "Greedy decoding, batch 1: tokens/s with the KV cache and recomputing the context",
         ["variant", "context", "cached tok/s", "recompute tok/s", "cached ÷ recompute",
          f"cache B/token ({n_layer} layers)", "cache MiB at context"],
         body,
