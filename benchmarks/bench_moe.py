@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from attnlab.bench.common import machine_info
+from attnlab.device import machine_facts
 from attnlab.bench.moe import DTYPES, PASSES, moe_report, run_moe
-from attnlab.bench.report import write_report
+from attnlab.bench.results import write_report
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     if args.threads:
         report.mode = f"moe-threads{args.threads}"
     command = shlex.join([".venv/bin/python", "benchmarks/bench_moe.py", *(argv if argv is not None else sys.argv[1:])])
-    paths = write_report(report, args.out, command=command, machine=machine_info())
+    paths = write_report(report, args.out, command=command, machine=machine_facts())
     print(paths[0].read_text())
     print("wrote " + ", ".join(str(path) for path in paths))
     return 0

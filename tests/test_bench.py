@@ -14,7 +14,7 @@ from attnlab.attention import GroupedQueryAttention, MultiHeadLatentAttention, R
 from attnlab.bench import flops
 from attnlab.bench.attention import FLOOR, VARIANTS, aten_ops, fused_mha_op_check, run_attention
 from attnlab.bench.decode import deepseek_v3_cache_ratio, run_decode
-from attnlab.bench.report import MODES, QUICK, run_benchmarks
+from attnlab.bench.run import MODES, QUICK, run_benchmarks
 from attnlab.cli import main
 from attnlab.errors import ConfigError
 from attnlab.models.gpt import GPT, GPTConfig
@@ -81,7 +81,7 @@ def test_gpt_flops_equal_torch_flop_counter(fields):
 
 def test_moe_flops_count_only_the_routed_and_shared_experts():
     cfg = GPTConfig(vocab_size=10, block_size=4, n_layer=3, n_head=2, d_model=8, ffn="moe", n_routed_experts=6,
-                    n_activated_experts=2, n_shared_experts=1, moe_hidden=5, n_dense_layers=1)
+                    n_activated_experts=2, n_shared_experts=1, expert_hidden=5, n_dense_layers=1)
     dense = GPTConfig(vocab_size=10, block_size=4, n_layer=3, n_head=2, d_model=8)
     moe_layer = 2 * 8 * 6 + 3 * 3 * (2 * 8 * 5)  # router + (2 routed + 1 shared) SwiGLU experts
     dense_layer = 2 * (2 * 8 * 32)
@@ -203,7 +203,7 @@ def test_cli_bench_quick_writes_results(tmp_path, capsys):
     assert main(["bench", "peak", "--quick", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "GFLOP/s" in out and "wrote" in out
-    assert "attnlab bench peak --out" in (tmp_path / "peak.md").read_text()
+    assert "attnlab bench peak --quick --out" in (tmp_path / "peak.md").read_text()
 
 
 def test_cli_bench_errors_are_one_line(tmp_path, capsys):

@@ -4,8 +4,9 @@ import re
 import pytest
 
 from attnlab.cli import main
-from attnlab.compare import CompareConfig, compare, count_params, gpt_config, parse_budget
-from attnlab.compare_report import TABLE_HEADERS, table_values
+from attnlab.compare import CompareConfig, compare, gpt_config, parse_budget
+from attnlab.compare.report import TABLE_HEADERS, table_values
+from attnlab.models.base import count_params
 from attnlab.errors import ConfigError
 from attnlab.models.gpt import GPT, GPTConfig
 

@@ -156,7 +156,7 @@ def test_val_split_too_small_for_block_size(tmp_path):
     text = "abcdefghij" * 10
     ds = prepare_dataset(text, CharTokenizer.from_text(text), tmp_path)
     ds.get_batch("val", 2, 9)
-    with pytest.raises(ConfigError, match=r"val split has 10 tokens, too few for block_size=10"):
+    with pytest.raises(ConfigError, match=r"a split of 10 tokens is too short for windows of 10"):
         ds.get_batch("val", 2, 10)
     with pytest.raises(ConfigError, match="split='test'"):
         ds.get_batch("test", 2, 4)

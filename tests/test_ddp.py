@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from attnlab.train import read_metrics, train
+from attnlab.train import train
+from attnlab.trainer import read_metrics
 
 # Per-step losses agree to float32 round-off: the 2-process gradient is the mean of two
 # half-batch means (all-reduced), the 1-process one the mean over the whole batch.
@@ -23,7 +24,7 @@ def test_two_processes_with_half_the_batch_follow_one_process(tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(" ".join(rng.choice(words) for _ in range(8)) for _ in range(600)) + "\n")
     settings = dict(corpus=str(corpus), batch_size=8, max_steps=8, eval_interval=4, eval_iters=2, log_interval=1,
-                    lr=1e-2, warmup_steps=0, threads=1)
+                    lr=1e-2, warmup_steps=0, threads=1, dtype="float32")
     model = dict(n_layer=1, n_head=2, d_model=32, block_size=16)
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in {**settings, **model}.items()]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

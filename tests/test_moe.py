@@ -250,15 +250,15 @@ def test_input_errors():
 
 
 def test_benchmark_writes_its_report_at_tiny_size(tmp_path):
-    from attnlab.bench.common import machine_info
+    from attnlab.device import machine_facts
     from attnlab.bench.moe import DENSE, FAST, REFERENCE, moe_report, run_moe
-    from attnlab.bench.report import write_report
+    from attnlab.bench.results import write_report
 
     sizes = dict(d_model=16, n_routed_experts=4, n_activated_experts=2, n_shared_experts=1, expert_hidden=8, tokens=32)
     rows = run_moe(**sizes, dtypes=("fp32",), repeats=1, warmup=0)
     assert {r["variant"] for r in rows} == {FAST, REFERENCE, DENSE}
     assert rows[0]["max_diff"] < 1e-5
-    paths = write_report(moe_report(rows), tmp_path, command="bench_moe.py --tiny", machine=machine_info())
+    paths = write_report(moe_report(rows), tmp_path, command="bench_moe.py --tiny", machine=machine_facts())
     text = paths[0].read_text()
     assert "`bench_moe.py --tiny`" in text and "target ≥ 3×" in text and "target ≤ 1.5×" in text
 

@@ -61,7 +61,7 @@ def hf_tokenizer(path):
 def test_config_is_smollm2_135m(ours):
     model, tok = ours
     cfg = model.config
-    assert (cfg.n_layer, cfg.n_head, cfg.kv_heads, cfg.dims_per_head, cfg.d_model, cfg.hidden) == (30, 9, 3, 64, 576, 1536)
+    assert (cfg.n_layer, cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.d_model, cfg.ffn_hidden) == (30, 9, 3, 64, 576, 1536)
     assert (cfg.vocab_size, tok.vocab_size, cfg.rope_theta, cfg.tie_embeddings) == (49152, 49152, 1e5, True)
     assert model.lm_head.weight is model.wte.weight
 

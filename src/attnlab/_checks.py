@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from attnlab.errors import ConfigError, InputTypeError
@@ -19,10 +21,39 @@ def non_negative_int(name: str, value) -> int:
     return value
 
 
-def dropout_prob(value, name: str = "dropout") -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-        raise ConfigError(f"{name}={value!r} is not allowed: expected a probability in [0, 1)")
+def real(name: str, value, *, low: float | None = None, high: float | None = None, low_open: bool = False,
+         high_open: bool = False) -> float:
+    """A finite number (never NaN or inf) within [low, high]; ``*_open`` excludes that end."""
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    ok = ok and (low is None or (value > low if low_open else value >= low))
+    ok = ok and (high is None or (value < high if high_open else value <= high))
+    if not ok:
+        raise ConfigError(f"{name}={value!r} is not allowed: expected a finite number{_range(low, high, low_open, high_open)}")
     return float(value)
+
+
+def _range(low, high, low_open, high_open) -> str:
+    if low is not None and high is not None:
+        return f" in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    if low is not None:
+        return f" {'>' if low_open else '>='} {low:g}"
+    if high is not None:
+        return f" {'<' if high_open else '<='} {high:g}"
+    return ""
+
+
+def positive(name: str, value) -> float:
+    """A finite number > 0."""
+    return real(name, value, low=0, low_open=True)
+
+
+def non_negative(name: str, value) -> float:
+    """A finite number >= 0."""
+    return real(name, value, low=0)
+
+
+def dropout_prob(value, name: str = "dropout") -> float:
+    return real(name, value, low=0, high=1, high_open=True)
 
 
 def divisible(name: str, value: int, by_name: str, by_value: int) -> None:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
-import re
+import logging
+import shlex
 import sys
 
 from attnlab.errors import UserError
@@ -105,40 +105,58 @@ def _cmd_kv_table(args) -> int:
     return 0
 
 
-def _field_comments(cls) -> dict[str, str]:
-    """Each field's trailing ``# comment`` in the dataclass's source: what the field means."""
-    try:
-        lines = inspect.getsource(cls).splitlines()
-    except (OSError, TypeError):  # no source to read: the flags go without their meanings
-        return {}
-    found = (re.match(r"\s+(\w+): [^#=]+=[^#]*#\s*(.+)", line) for line in lines)
-    return {m[1]: m[2] for m in found if m}
-
-
-def _dataclass_flags(parser, cls, prefix: str, skip: tuple[str, ...] = ()) -> None:
-    """One --flag per dataclass field, helped by the field's comment, its choices from the class's
-    CHOICES; flags not given stay absent, so the library (or the checkpoint resumed) supplies the value."""
-    meanings, choices = _field_comments(cls), getattr(cls, "CHOICES", {})
+def _config_flags(parser, cls, prefix: str) -> None:
+    """One --flag per field of the config dataclass ``cls`` that offers one (``attnlab.options.option``):
+    its help and choices come from the field's metadata; flags not given stay absent, so the
+    library (or the checkpoint resumed) supplies the value."""
     for f in dataclasses.fields(cls):
-        if f.name in skip:
+        if not f.metadata.get("flag", True):
             continue
         kind = str(f.type).split(" ")[0]  # "int | None" -> "int"
-        meaning = meanings.get(f.name, f.name.replace("_", " "))
-        # A field left at None is decided by the library; its comment says how ("None: lr / 10").
-        meaning = meaning.replace("None: ", "default: ") if f.default is None else f"{meaning} (default: {f.default})"
+        meaning = f.metadata.get("help", f.name.replace("_", " "))
+        # A field left at None is decided by the library; its help says how ("None: lr / 10").
+        shown = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else (
+            repr(f.default) if isinstance(f.default, str) else f.default)
+        meaning = meaning.replace("None: ", "default: ") if f.default is None else f"{meaning} (default: {shown})"
         kw = {"dest": f"{prefix}__{f.name}", "default": argparse.SUPPRESS, "help": meaning.replace("%", "%%")}
         if kind == "bool":
             kw["action"] = argparse.BooleanOptionalAction
-        elif f.name in choices:
-            kw["choices"] = choices[f.name]
+        elif kind.startswith("tuple["):
+            item = int if kind.startswith("tuple[int") else str
+            kw["type"], kw["metavar"] = _comma_list(item), "A,B,..."
+        elif f.metadata.get("choices"):
+            kw["choices"] = f.metadata["choices"]
         else:
-            kw["type"], kw["metavar"] = {"int": (int, "N"), "float": (float, "X")}.get(kind, (str, "NAME"))
+            kw["type"], kw["metavar"] = {"int": (int, "N"), "float": (float, "X")}.get(kind, (str, "TEXT"))
         parser.add_argument("--" + f.name.replace("_", "-"), **kw)
+
+
+def _comma_list(item):
+    def parse(text: str) -> tuple:
+        try:
+            return tuple(item(part.strip()) for part in text.split(",") if part.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {item.__name__} values, got {text!r}") from None
+    parse.__name__ = f"comma-separated {item.__name__} list"
+    return parse
+
+
+def _given(args, prefix: str) -> dict:
+    """The config fields given on the command line for the flags made by ``_config_flags(..., prefix)``."""
+    return {k.split("__", 1)[1]: v for k, v in vars(args).items() if k.startswith(prefix + "__")}
+
+
+_ARGV: list[str] = []
+
+
+def command_line() -> str:
+    """This invocation as a shell command a user can rerun."""
+    return shlex.join(["attnlab", *_ARGV])
 
 
 def _add_train(sub) -> None:
     from attnlab.models.gpt import GPTConfig
-    from attnlab.train import TrainConfig
+    from attnlab.trainer import TrainConfig
 
     p = sub.add_parser(
         "train", help="train a GPT (attention/FFN/positions/norm by flag) on a text corpus",
@@ -149,9 +167,8 @@ def _add_train(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace the run in an existing --out folder")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    _dataclass_flags(p.add_argument_group("model (GPTConfig)"), GPTConfig, "model",
-                     skip=("vocab_size",))  # the tokenizer decides it
-    _dataclass_flags(p.add_argument_group("training (TrainConfig)"), TrainConfig, "train")
+    _config_flags(p.add_argument_group("model (GPTConfig)"), GPTConfig, "model")
+    _config_flags(p.add_argument_group("training (TrainConfig)"), TrainConfig, "train")
     p.set_defaults(func=_cmd_train)
 
 
@@ -190,9 +207,7 @@ def _cmd_train(args) -> int:
 
     from attnlab.train import train
 
-    given = vars(args)
-    model = {k.split("__", 1)[1]: v for k, v in given.items() if k.startswith("model__")}
-    config = {k.split("__", 1)[1]: v for k, v in given.items() if k.startswith("train__")}
+    model, config = _given(args, "model"), _given(args, "train")
     main_process = os.environ.get("RANK", "0") == "0"
     progress = _TrainProgress(main_process and not args.quiet)
     try:
@@ -313,7 +328,7 @@ def _cmd_heads(args) -> int:
 
 
 def _add_bench(sub) -> None:
-    from attnlab.bench.report import MODES
+    from attnlab.bench.run import DTYPE_CHOICES, MODES
 
     p = sub.add_parser(
         "bench", help="speed and memory: attention variants, decoding, MoE, training vs PyTorch and others",
@@ -330,28 +345,24 @@ def _add_bench(sub) -> None:
                         "(default: nanogpt-cpu; none with --quick)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice; 1 steadies batch-1 decoding on a busy machine)")
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                   help="precisions to time (default auto: fp32, plus bf16 where it measured faster than fp32 here)")
     p.set_defaults(func=_cmd_bench)
 
 
 def _cmd_bench(args) -> int:
-    import shlex
-
     from rich.console import Console
 
-    from attnlab.bench.report import MODES, run_benchmarks
+    from attnlab.bench.run import MODES, run_benchmarks
 
     modes = MODES if args.mode == "all" else (args.mode,)
     compile_presets = None
     if args.compile is not None:
         compile_presets = {"all": "all", "none": ()}.get(args.compile, tuple(filter(None, args.compile.split(","))))
-    flags = [args.mode, "--out", args.out] + ["--quick"] * args.quick + ["--device", args.device]
-    flags += [] if args.repeats is None else ["--repeats", str(args.repeats)]
-    flags += [] if args.compile is None else ["--compile", args.compile]
-    flags += [] if args.threads is None else ["--threads", str(args.threads)]
     console, status = Console(), Console(stderr=True)
-    done = run_benchmarks(modes, out_dir=args.out, command=shlex.join(["attnlab", "bench", *flags]),
+    done = run_benchmarks(modes, out_dir=args.out, command=command_line(),
                           quick=args.quick, repeats=args.repeats, device=args.device, compile_presets=compile_presets,
-                          threads=args.threads,
+                          threads=args.threads, dtype=args.dtype,
                           progress=lambda message: status.print(f"[dim]… {message}[/dim]"))
     for report, paths in done:
         for table in report.tables:
@@ -364,7 +375,7 @@ def _cmd_bench(args) -> int:
 
 
 def _add_compare(sub) -> None:
-    from attnlab.compare import BUDGET_HELP, MODELS, PRESETS
+    from attnlab.compare import PRESETS, CompareConfig
 
     p = sub.add_parser(
         "compare", help="train n-gram, MLP and GPTs (MHA/GQA/MQA/MLA, dense/MoE) under one budget; write a report",
@@ -372,18 +383,13 @@ def _add_compare(sub) -> None:
                     "on the same val windows and write report.md + report.html (self-contained) with plots to --out.",
     )
     p.add_argument("--preset", default="default", choices=list(PRESETS),
-                   help="default: small models, 35 s each (≈ 6 min in all on 2 cores); full: longer and larger")
-    p.add_argument("--models", default=None, help=f"comma-separated subset of {','.join(MODELS)} (default: all)")
-    p.add_argument("--budget", default=None, help=f"per model: {BUDGET_HELP} (default: the preset's)")
-    p.add_argument("--corpus", default=None, help="'shakespeare' (default), a .txt file or a folder of .txt files")
-    p.add_argument("--tokenizer", default=None, choices=["char", "bpe"], help="default: char")
-    p.add_argument("--vocab-size", type=int, default=None, help="BPE vocabulary size")
-    p.add_argument("--seed", type=int, default=None, help="seed for weights, batches and samples (default: 1337)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1, fastest for these small models)")
-    p.add_argument("--prompt", default=None, help="prompt every model continues in the samples")
+                   help="default: small models, the same training tokens each (a few minutes on 2 cores); "
+                        "full: longer and larger")
     p.add_argument("--out", default="runs/compare", help="report folder (default: runs/compare)")
     p.add_argument("--overwrite", action="store_true", help="replace the comparison in an existing --out folder")
     p.add_argument("--quiet", action="store_true", help="no progress display")
+    _config_flags(p.add_argument_group("comparison (CompareConfig; a flag overrides the preset)"), CompareConfig,
+                  "compare")
     p.set_defaults(func=_cmd_compare)
 
 
@@ -433,24 +439,13 @@ class _CompareProgress:
 
 
 def _cmd_compare(args) -> int:
-    import shlex
-
     from attnlab.compare import PRESETS, CompareConfig, compare
 
-    fields = dict(PRESETS[args.preset])
-    given = {"models": None if args.models is None else tuple(m.strip() for m in args.models.split(",") if m.strip()),
-             "budget": args.budget, "corpus": args.corpus, "tokenizer": args.tokenizer, "vocab_size": args.vocab_size,
-             "seed": args.seed, "threads": args.threads, "prompt": args.prompt}
-    fields.update({k: v for k, v in given.items() if v is not None})
-    flags = [] if args.preset == "default" else ["--preset", args.preset]
-    for name, value in given.items():
-        if value is not None:
-            flags += [f"--{name.replace('_', '-')}", ",".join(value) if name == "models" else str(value)]
-    flags += ["--out", args.out] + ["--overwrite"] * args.overwrite
+    fields = {**PRESETS[args.preset], **_given(args, "compare")}
     progress = _CompareProgress(not args.quiet)
     try:
-        summary = compare(args.out, CompareConfig(**fields), overwrite=args.overwrite,
-                          command=shlex.join(["attnlab", "compare", *flags]), progress=progress)
+        summary = compare(args.out, CompareConfig(**fields), overwrite=args.overwrite, command=command_line(),
+                          progress=progress)
     finally:
         progress.stop()
     minutes, seconds = divmod(summary["wall_s"], 60)
@@ -459,7 +454,30 @@ def _cmd_compare(args) -> int:
     return 130 if summary["interrupted"] else 0
 
 
-_COMMANDS = [_add_explain, _add_kv_table, _add_train, _add_generate, _add_viz, _add_heads, _add_bench, _add_compare]
+def _add_env(sub) -> None:
+    p = sub.add_parser(
+        "env", help="what attnlab detects on this machine (CPU, bf16 speed, GPUs, extras) and what it will choose",
+        description="Measure this machine (matmul GFLOP/s per dtype, memory bandwidth), list CUDA devices, installed "
+                    "extras and pretrained wheels, and say what attnlab chooses here: device, threads, precision and "
+                    "attention kernel, each with its reason.",
+    )
+    p.add_argument("--format", dest="fmt", default="text", choices=["text", "json"], help="text (default) or JSON")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    p.set_defaults(func=_cmd_env)
+
+
+def _cmd_env(args) -> int:
+    import json
+
+    from attnlab.env import environment, format_environment
+
+    env = environment(args.device)
+    sys.stdout.write(json.dumps(env, indent=2) + "\n" if args.fmt == "json" else format_environment(env))
+    return 0
+
+
+_COMMANDS = [_add_explain, _add_kv_table, _add_train, _add_generate, _add_viz, _add_heads, _add_bench, _add_compare,
+             _add_env]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -473,8 +491,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _OneLine(logging.Formatter):
+    """The library's log records (``attnlab`` logger) as one stderr line each: "attnlab CMD: [warning: ]text"."""
+
+    def __init__(self, command: str):
+        super().__init__()
+        self.command = command
+
+    def format(self, record: logging.LogRecord) -> str:
+        kind = "warning: " if record.levelno >= logging.WARNING else ""
+        return f"attnlab {self.command}: {kind}{' '.join(record.getMessage().split())}"
+
+
 def main(argv: list[str] | None = None) -> int:
+    _ARGV[:] = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    logger = logging.getLogger("attnlab")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_OneLine(args.command))
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
     try:
         return args.func(args)
     except UserError as err:
@@ -484,3 +521,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"attnlab {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)

@@ -250,6 +250,11 @@ class MoE(nn.Module):
         kept = counts if capacity is None else counts.clamp(max=capacity)
         self._stats = (counts, kept, entropy.detach())
 
+    def inactive_params(self) -> int:
+        """Parameters a token does not use: the routed experts beyond its top-k."""
+        per_expert = sum(w[0].numel() for w in (self.experts.w1, self.experts.w2, self.experts.w3))
+        return (self.n_routed_experts - self.n_activated_experts) * per_expert
+
     @property
     def last_stats(self) -> dict:
         """Routing of the last forward: tokens per expert (chosen), max/mean load, router entropy, drops.

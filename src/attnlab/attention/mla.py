@@ -26,6 +26,15 @@ from attnlab.norm import RMSNorm
 MODES = ("naive", "absorbed")
 
 
+def mla_dims(head_dim: int, *, kv_lora_rank: int | None = None) -> dict:
+    """MLA head dims at DeepSeek-V3's ratios for a model whose heads are ``head_dim`` wide: no-RoPE
+    query/key and value parts of head_dim, a RoPE part of head_dim / 2 (64 of 128 in V3) and a
+    latent of 4 · head_dim (512) unless ``kv_lora_rank`` is given."""
+    return dict(kv_lora_rank=kv_lora_rank or 4 * head_dim, qk_nope_head_dim=head_dim,
+                qk_rope_head_dim=max(2, head_dim // 2 - head_dim // 2 % 2),  # even: RoPE turns pairs
+                v_head_dim=head_dim)
+
+
 class MultiHeadLatentAttention(RecordsAttention, nn.Module):
     """MLA with optional query compression (q_lora_rank > 0) and decoupled RoPE.
 

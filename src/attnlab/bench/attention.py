@@ -19,8 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from attnlab.attention.mla import mla_dims
 from attnlab.bench.flops import gqa_flops, mla_flops
-from attnlab.bench.report import BenchReport, Table, fmt_ratio
+from attnlab.bench.peak import has_amx
+from attnlab.bench.results import BenchReport, Table, fmt_ratio
+from attnlab.bench.timing import median_seconds
 
 FLOOR = "floor: 3 Linear + SDPA + out Linear"
 MHA_FUSED = "attnlab MHA (fused)"
@@ -93,17 +96,11 @@ def _gqa(n_kv: int | None):
     return build
 
 
-def mla_dims(d_model: int, n_heads: int) -> dict:
-    """MLA dims scaled from DeepSeek-V3's ratios to this head size: latent 4 heads wide, RoPE half a head."""
-    head = d_model // n_heads
-    return dict(kv_lora_rank=4 * head, qk_nope_head_dim=head, qk_rope_head_dim=max(2, head // 2), v_head_dim=head)
-
-
 def _mla(mode: str):
     def build(d_model: int, n_heads: int, seq: int) -> nn.Module:
         from attnlab.attention.mla import MultiHeadLatentAttention
 
-        return MultiHeadLatentAttention(d_model, n_heads, mode=mode, **mla_dims(d_model, n_heads))
+        return MultiHeadLatentAttention(d_model, n_heads, mode=mode, **mla_dims(d_model // n_heads))
     return build
 
 
@@ -115,7 +112,7 @@ def _mha_flops(n_kv: int | None):
 
 def _mla_flops(mode: str):
     def count(batch: int, seq: int, d_model: int, n_heads: int) -> int:
-        return mla_flops(batch, seq, d_model, n_heads, mode=mode, **mla_dims(d_model, n_heads))
+        return mla_flops(batch, seq, d_model, n_heads, mode=mode, **mla_dims(d_model // n_heads))
     return count
 
 
@@ -270,8 +267,6 @@ def fused_mha_op_check(d_model: int = 64, n_heads: int = 4, seq: int = 16, passe
 def sdpa_bf16_speedup(*, batch: int, seqs, d_model: int, n_heads: int, repeats: int = 3, device="cpu") -> list[str]:
     """Why bf16 autocast speeds the block up by what it does: the attention kernel alone, fp32 vs
     bf16 inputs, at each benchmarked shape (the projections follow the matmul peak)."""
-    from attnlab.bench.common import median_seconds
-    from attnlab.bench.peak import has_amx
 
     lines = []
     for seq in seqs:
@@ -325,7 +320,7 @@ def attention_report(rows: list[dict], *, batch: int, d_model: int, n_heads: int
             f"- peak (best matmul call, this machine, same run): fp32 {peak.get('fp32', 0):.0f} GFLOP/s, "
             f"bf16 {peak.get('bf16', 0):.0f} GFLOP/s. GFLOP/s counts the block's model FLOPs "
             "(projections + causal attention, fwd+bwd = 3× fwd; see attnlab.bench.flops).",
-            f"- MLA dims: {mla_dims(d_model, n_heads)} (DeepSeek-V3's ratios at head_dim {d_model // n_heads}); "
+            f"- MLA dims: {mla_dims(d_model // n_heads)} (DeepSeek-V3's ratios at head_dim {d_model // n_heads}); "
             f"MLA also pays for RoPE and an RMSNorm, and absorbed MLA attends with {n_heads} heads over the "
             "(kv_lora_rank + rope)-wide latent: the form made for decoding, not for training. "
             "bf16 rows run under torch.autocast.",

@@ -15,8 +15,8 @@ import time
 import torch
 
 from attnlab.attention.cache import KVCache, LatentKVCache
-from attnlab.bench.attention import mla_dims
-from attnlab.bench.report import BenchReport, Table, fmt_ratio
+from attnlab.attention.mla import mla_dims
+from attnlab.bench.results import BenchReport, Table, fmt_ratio
 
 VARIANTS = ("MHA", "GQA (4 KV heads)", "MQA", "MLA naive", "MLA absorbed")
 # DeepSeek-V3: 128 heads of 128 dims (MHA baseline), latent 512 + RoPE key 64 (MLA, absorbed cache).
@@ -31,7 +31,7 @@ def decode_config(variant: str, *, d_model: int, n_heads: int, n_layer: int, voc
                   d_model=d_model, positions="rope")
     if variant.startswith("MLA"):
         mode = "absorbed" if variant.endswith("absorbed") else "naive"
-        return GPTConfig(attention="mla", mla_mode=mode, **mla_dims(d_model, n_heads), **common)
+        return GPTConfig(attention="mla", mla_mode=mode, **mla_dims(d_model // n_heads), **common)
     kind = {"MHA": ("mha", None), "GQA (4 KV heads)": ("gqa", 4), "MQA": ("mqa", None)}[variant]
     return GPTConfig(attention=kind[0], n_kv_head=kind[1], **common)
 
@@ -128,7 +128,7 @@ def decode_report(rows: list[dict], *, d_model: int, n_heads: int, n_layer: int,
     v3 = deepseek_v3_cache_ratio()
     notes = _targets(rows, v3) + [
         f"- model: GPT with {n_layer} layers, d_model {d_model}, {n_heads} heads, vocab {vocab_size}, RoPE, "
-        f"fp32; MLA dims {mla_dims(d_model, n_heads)}; cache bytes are fp32 here.",
+        f"fp32; MLA dims {mla_dims(d_model // n_heads)}; cache bytes are fp32 here.",
         f"- DeepSeek-V3 dims (128 heads × 128, latent 512 + RoPE 64), bf16, one layer: MHA cache "
         f"{v3['mha']:,} B/token, MLA absorbed {v3['mla_absorbed']:,} B/token ({v3['ratio']:.1f}× smaller).",
     ]

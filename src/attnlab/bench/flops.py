@@ -74,11 +74,11 @@ def ffn_flops_per_token(cfg, moe_layer: bool) -> int:
     a token is routed to, plus the shared experts and the router)."""
     d = cfg.d_model
     if moe_layer:
-        hidden = cfg.moe_hidden or max(1, cfg.hidden // cfg.n_activated_experts)
+        hidden = cfg.expert_hidden
         experts = cfg.n_activated_experts + cfg.n_shared_experts
         return linear_flops(1, d, cfg.n_routed_experts) + experts * 3 * linear_flops(1, d, hidden)
     matrices = 3 if cfg.activation == "swiglu" else 2
-    return matrices * linear_flops(1, d, cfg.hidden)
+    return matrices * linear_flops(1, d, cfg.ffn_hidden)
 
 
 def gpt_forward_flops(cfg, batch: int, seq: int, *, causal: bool = True) -> int:
@@ -90,7 +90,7 @@ def gpt_forward_flops(cfg, batch: int, seq: int, *, causal: bool = True) -> int:
                          qk_rope_head_dim=cfg.qk_rope_head_dim, v_head_dim=cfg.v_head_dim, mode=cfg.mla_mode,
                          causal=causal)
     else:
-        attn = gqa_flops(batch, seq, cfg.d_model, cfg.n_head, cfg.kv_heads, cfg.dims_per_head, causal=causal)
+        attn = gqa_flops(batch, seq, cfg.d_model, cfg.n_head, cfg.n_kv_head, cfg.head_dim, causal=causal)
     moe_layers = 0 if cfg.ffn == "dense" else max(0, cfg.n_layer - cfg.n_dense_layers)
     ffn = tokens * (moe_layers * ffn_flops_per_token(cfg, True)
                     + (cfg.n_layer - moe_layers) * ffn_flops_per_token(cfg, False))

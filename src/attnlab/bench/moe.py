@@ -10,7 +10,7 @@ import torch
 
 from attnlab import _checks
 from attnlab.bench.attention import time_case
-from attnlab.bench.report import BenchReport, Table, fmt_ratio
+from attnlab.bench.results import BenchReport, Table, fmt_ratio
 from attnlab.moe import MoE, SwiGLU
 
 FAST = "MoE, fast dispatch"

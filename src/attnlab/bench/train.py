@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import statistics
 import time
-from contextlib import nullcontext
 
 import torch
 
 from attnlab import _checks
+from attnlab import device as devices
 from attnlab.bench.flops import gpt_train_flops_per_token
-from attnlab.bench.report import BenchReport, Table
+from attnlab.bench.results import BenchReport, Table
+from attnlab.data.batches import WindowBatches
+from attnlab.models.gpt import GPT, GPTConfig
+from attnlab.trainer import Trainer, TrainConfig
 
 # name -> (GPTConfig fields, batch size). Char-level vocab (Tiny Shakespeare has 65 symbols).
 PRESETS = {
@@ -33,50 +36,34 @@ VOCAB_SIZE = 65
 DTYPES = ("fp32", "bf16")
 
 
-def preset_config(name: str, **overrides):
+def preset_config(name: str, **overrides) -> GPTConfig:
     """The GPTConfig of a preset, with any fields replaced."""
-    from attnlab.models.gpt import GPTConfig
-
     _checks.one_of("preset", name, tuple(PRESETS))
     fields, _ = PRESETS[name]
     return GPTConfig(vocab_size=VOCAB_SIZE, **{**fields, **overrides})
 
 
-class _Trainer:
-    """A fresh GPT(cfg) with its optimizer, stepping on random tokens in one dtype, eager or compiled."""
+def _trainer(cfg: GPTConfig, batch_size: int, *, dtype: str, compiled: bool, device: torch.device) -> Trainer:
+    """attnlab's Trainer with a fresh GPT(cfg), stepping on random tokens in one dtype, eager or compiled."""
+    torch.manual_seed(0)
+    model = GPT(cfg).to(device)
+    tokens = torch.randint(cfg.vocab_size, (100_000,), generator=torch.Generator().manual_seed(0))
+    batches = WindowBatches(tokens, tokens, batch_size=batch_size, block_size=cfg.block_size, seed=0)
+    precision = devices.Precision({"fp32": "float32", "bf16": "bfloat16"}[dtype], "benchmark row", str(device))
+    trainer = Trainer(model, TrainConfig(batch_size=batch_size, compile=compiled), batches, device=device,
+                      precision=precision)
+    trainer.choose_kernel()
+    return trainer
 
-    def __init__(self, cfg, batch_size: int, *, dtype: str, compiled: bool, device: torch.device):
-        from attnlab.models.gpt import GPT
-        from attnlab.train import TrainConfig, make_optimizer
 
-        torch.manual_seed(0)
-        self.cfg, self.batch_size, self.device, self.autocast = cfg, batch_size, device, dtype == "bf16"
-        self.model = GPT(cfg).to(device).train()
-        self.optimizer = make_optimizer(self.model, TrainConfig())
-        self.fwd = torch.compile(self.model) if compiled else self.model
-        self.moe = bool(self.model.moe_layers())
-        self.generator = torch.Generator().manual_seed(0)
-
-    def step(self) -> float:
-        """One optimizer step, as ``attnlab train`` takes it; returns its wall time in seconds."""
-        tokens = torch.randint(self.cfg.vocab_size, (self.batch_size, self.cfg.block_size + 1),
-                               generator=self.generator).to(self.device)
-        x, y = tokens[:, :-1], tokens[:, 1:]
-        cuda = self.device.type == "cuda"
-        if cuda:
-            torch.cuda.synchronize(self.device)
-        start = time.perf_counter()
-        with torch.autocast(self.device.type, dtype=torch.bfloat16) if self.autocast else nullcontext():
-            _, loss = self.fwd(x, y)
-            total = loss + self.model.aux_loss().to(loss.device) if self.moe else loss
-        total.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.model.update_moe_bias()
-        if cuda:
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter() - start
+def _timed_step(trainer: Trainer) -> float:
+    """Wall time of one optimizer step, as ``attnlab train`` takes it."""
+    sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda *_: None)
+    sync(trainer.device)
+    start = time.perf_counter()
+    trainer.train_step()
+    sync(trainer.device)
+    return time.perf_counter() - start
 
 
 def run_train(*, peak: dict[str, float], presets=tuple(PRESETS), dtypes=DTYPES, compile_presets=(),
@@ -103,18 +90,18 @@ def run_train(*, peak: dict[str, float], presets=tuple(PRESETS), dtypes=DTYPES, 
         for dtype, mode in kinds:
             if progress:
                 progress(f"train: {name}, {dtype}, {mode}")
-            trainers[(dtype, mode)] = _Trainer(cfg, batch, dtype=dtype, compiled=mode == "compiled", device=device)
-            warmup_s[(dtype, mode)] = sum(trainers[(dtype, mode)].step() for _ in range(warmup))
+            trainers[(dtype, mode)] = _trainer(cfg, batch, dtype=dtype, compiled=mode == "compiled", device=device)
+            warmup_s[(dtype, mode)] = sum(_timed_step(trainers[(dtype, mode)]) for _ in range(warmup))
         times = {kind: [] for kind in kinds}
         for _ in range(steps):
             for kind, trainer in trainers.items():
-                times[kind].append(trainer.step())
+                times[kind].append(_timed_step(trainer))
         for (dtype, mode), trainer in trainers.items():
             step_s = statistics.median(times[(dtype, mode)])
             tokens_per_s = batch * cfg.block_size / step_s
             achieved = flops_per_token * tokens_per_s
             rows.append(dict(preset=name, dtype=dtype, mode=mode, batch=batch, block_size=cfg.block_size,
-                             params=trainer.model.num_params(), step_s=step_s, tokens_per_s=tokens_per_s,
+                             params=trainer.raw.num_params(), step_s=step_s, tokens_per_s=tokens_per_s,
                              warmup_s=warmup_s[(dtype, mode)], flops_per_token=flops_per_token,
                              achieved_gflops=achieved / 1e9,
                              mfu=achieved / (peak[dtype] * 1e9) if peak.get(dtype) else None))

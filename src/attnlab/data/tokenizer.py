@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from attnlab._checks import one_of, positive_int
-from attnlab.data.corpus import atomic_output
 from attnlab.errors import ConfigError, InputTypeError
+from attnlab.files import atomic_output
 
 ENDOFTEXT = "<|endoftext|>"
 

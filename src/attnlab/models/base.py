@@ -15,7 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from attnlab.data.corpus import atomic_output
+from attnlab.files import atomic_output
 from attnlab.data.tokenizer import load_tokenizer
 from attnlab.errors import ConfigError
 
@@ -49,19 +49,28 @@ def read_config(folder: str | os.PathLike) -> dict:
     return data
 
 
-def load_pretrained(folder: str | os.PathLike, map_location: str | torch.device = "cpu"):
-    """Any saved attnlab model. A model_type not registered yet is looked up in the module
-    ``attnlab.models.<model_type>``, which registers itself on import."""
-    model_type = read_config(folder)["model_type"]
-    if model_type not in _REGISTRY and model_type.isidentifier():
+def model_class(model_type: str) -> type:
+    """The model class registered for ``model_type``; one not registered yet is looked up in the
+    module ``attnlab.models.<model_type>``, which registers itself on import."""
+    if model_type not in _REGISTRY and isinstance(model_type, str) and model_type.isidentifier():
         try:
             importlib.import_module(f"attnlab.models.{model_type}")
         except ModuleNotFoundError:
             pass
     if model_type not in _REGISTRY:
         known = ", ".join(sorted(_REGISTRY)) or "none"
-        raise ConfigError(f"{str(Path(folder) / CONFIG_NAME)!r} has model_type={model_type!r}: expected one of {known}")
-    return _REGISTRY[model_type].from_pretrained(folder, map_location=map_location)
+        raise ConfigError(f"model_type={model_type!r} is not allowed: expected one of {known}")
+    return _REGISTRY[model_type]
+
+
+def load_pretrained(folder: str | os.PathLike, map_location: str | torch.device = "cpu"):
+    """Any saved attnlab model, rebuilt from its folder alone (the class comes from "model_type")."""
+    model_type = read_config(folder)["model_type"]
+    try:
+        cls = model_class(model_type)
+    except ConfigError as err:
+        raise ConfigError(f"{str(Path(folder) / CONFIG_NAME)!r} has {err}") from None
+    return cls.from_pretrained(folder, map_location=map_location)
 
 
 class SaveLoadMixin:
@@ -125,6 +134,14 @@ class SaveLoadMixin:
         if isinstance(model, nn.Module):
             model.to(map_location).eval()
         return model
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    """(total, active per token) parameters; modules with ``inactive_params()`` (an MoE layer: its
+    routed experts beyond the top-k) say how many of theirs a token does not use."""
+    total = sum(p.numel() for p in model.parameters())
+    inactive = sum(m.inactive_params() for m in model.modules() if hasattr(m, "inactive_params"))
+    return total, total - inactive
 
 
 def load_tokenizer_from(folder: str | os.PathLike):

@@ -11,8 +11,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import ClassVar
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,6 +21,7 @@ from attnlab.errors import ConfigError, InputTypeError
 from attnlab.models.base import SaveLoadMixin, register_model
 from attnlab.moe import SCORE_FUNCS
 from attnlab.norm import RMSNorm
+from attnlab.options import check_choices, option
 
 ATTENTIONS = ("mha", "gqa", "mqa", "mla", "wrapper")
 MODEL_TYPE = "gpt"
@@ -30,68 +29,82 @@ MODEL_TYPE = "gpt"
 
 @dataclass
 class GPTConfig:
-    """Everything needed to rebuild a GPT; saved as config.json next to the weights."""
+    """Everything needed to rebuild a GPT; saved as config.json next to the weights. Fields left at
+    None are derived in ``__post_init__``, so every field of a built config holds its real value."""
 
-    # Fields with a fixed set of values: checked in __post_init__, offered as choices by the CLI.
-    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
-        "attention": ATTENTIONS, "ffn": ("dense", "moe"), "activation": ("gelu", "swiglu"),
-        "positions": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"), "mla_mode": ("naive", "absorbed"),
-        "score_func": SCORE_FUNCS,
-    }
-
-    vocab_size: int = 65  # token ids the embedding and lm_head cover
-    block_size: int = 256  # longest sequence the model is trained (and allowed) to see
-    n_layer: int = 4  # transformer blocks
-    n_head: int = 4  # query heads per attention layer
-    n_kv_head: int | None = None  # K/V heads; None: n_head for mha/gqa, 1 for mqa
-    d_model: int = 128  # width of the residual stream
-    head_dim: int | None = None  # dims per head; None: d_model // n_head
-    attention: str = "mha"  # the attention variant; wrapper: the lecture's stack of single heads
+    vocab_size: int = option(65, "token ids the embedding and lm_head cover", flag=False)
+    block_size: int = option(256, "longest sequence the model is trained (and allowed) to see")
+    n_layer: int = option(4, "transformer blocks")
+    n_head: int = option(4, "query heads per attention layer")
+    n_kv_head: int | None = option(None, "K/V heads; None: n_head for mha/gqa, 1 for mqa")
+    d_model: int = option(128, "width of the residual stream")
+    head_dim: int | None = option(None, "dims per head; None: d_model // n_head")
+    attention: str = option("mha", "the attention variant; wrapper: the lecture's stack of single heads",
+                            choices=ATTENTIONS)
     # MLA (DeepSeek-V2/V3 names); MLA always carries its own decoupled RoPE.
-    q_lora_rank: int = 0  # MLA query compression rank; 0: queries are not compressed
-    kv_lora_rank: int = 64  # MLA latent c_kv width: what the absorbed cache holds per token
-    qk_nope_head_dim: int = 32  # MLA per-head query/key dims without RoPE
-    qk_rope_head_dim: int = 16  # MLA per-head query/key dims with RoPE (one RoPE key shared by all heads)
-    v_head_dim: int = 32  # MLA per-head value dims
-    mla_mode: str = "naive"  # naive: per-head K/V from c_kv; absorbed: weights folded, only c_kv cached
-    ffn: str = "dense"  # one MLP per block, or a mixture of experts
-    activation: str = "gelu"  # activation of the dense FFN
-    ffn_hidden: int | None = None  # dense FFN width; None: 4 * d_model (gelu) or 8/3 * d_model rounded up to 8 (swiglu)
+    q_lora_rank: int = option(0, "MLA query compression rank; 0: queries are not compressed")
+    kv_lora_rank: int = option(64, "MLA latent c_kv width: what the absorbed cache holds per token")
+    qk_nope_head_dim: int = option(32, "MLA per-head query/key dims without RoPE")
+    qk_rope_head_dim: int = option(16, "MLA per-head query/key dims with RoPE (one RoPE key shared by all heads)")
+    v_head_dim: int = option(32, "MLA per-head value dims")
+    mla_mode: str = option("naive", "naive: per-head K/V from c_kv; absorbed: weights folded, only c_kv cached",
+                           choices=("naive", "absorbed"))
+    ffn: str = option("dense", "one MLP per block, or a mixture of experts", choices=("dense", "moe"))
+    activation: str = option("gelu", "activation of the dense FFN", choices=("gelu", "swiglu"))
+    ffn_hidden: int | None = option(None, "dense FFN width; None: 4 * d_model (gelu) or 8/3 * d_model rounded up "
+                                          "to 8 (swiglu)")
     # MoE (DeepSeek-V3 names); every layer from n_dense_layers on is an MoE layer.
-    n_routed_experts: int = 8  # experts the router chooses from
-    n_activated_experts: int = 2  # routed experts each token uses (top-k)
-    n_shared_experts: int = 0  # experts every token always uses
-    moe_hidden: int | None = None  # width of each expert; None: ffn_hidden // n_activated_experts
-    n_dense_layers: int = 0  # leading layers that keep a dense FFN
-    score_func: str = "softmax"  # router scores (sigmoid as in DeepSeek-V3)
-    route_scale: float = 1.0  # multiplier of the routed experts' weighted sum
-    n_expert_groups: int = 1  # groups of routed experts (V3's group-limited routing)
-    n_limited_groups: int = 1  # groups a token may route into
-    aux_loss_coef: float = 0.01  # weight of the load-balancing loss
-    bias_update_speed: float = 0.0  # auxiliary-loss-free balancing: router bias step per update; 0: off
-    capacity_factor: float | None = None  # tokens an expert takes, as a multiple of its fair share; None: all
-    positions: str = "learned"  # learned absolute embeddings or rotary (RoPE)
-    rope_theta: float = 10000.0  # RoPE base
-    rope_interleave: bool = False  # pair features 2i, 2i+1 (DeepSeek) instead of i, i + dim/2 (Llama, HF)
-    norm: str = "layernorm"  # the pre-norm of every block and the final norm
-    norm_eps: float = 1e-5  # epsilon of the norms
-    tie_embeddings: bool = True  # lm_head shares the token embedding's weights
-    dropout: float = 0.0  # on attention weights and residual branches while training
-    bias: bool = False  # biases in every Linear and LayerNorm
+    n_routed_experts: int = option(8, "experts the router chooses from")
+    n_activated_experts: int = option(2, "routed experts each token uses (top-k)")
+    n_shared_experts: int = option(0, "experts every token always uses")
+    expert_hidden: int | None = option(None, "width of each expert; None: ffn_hidden // n_activated_experts")
+    n_dense_layers: int = option(0, "leading layers that keep a dense FFN")
+    score_func: str = option("softmax", "router scores (sigmoid as in DeepSeek-V3)", choices=SCORE_FUNCS)
+    route_scale: float = option(1.0, "multiplier of the routed experts' weighted sum")
+    n_expert_groups: int = option(1, "groups of routed experts (V3's group-limited routing)")
+    n_limited_groups: int = option(1, "groups a token may route into")
+    aux_loss_coef: float = option(0.01, "weight of the load-balancing loss")
+    bias_update_speed: float = option(0.0, "auxiliary-loss-free balancing: router bias step per update; 0: off")
+    capacity_factor: float | None = option(None, "tokens an expert takes, as a multiple of its fair share; None: all")
+    positions: str = option("learned", "learned absolute embeddings or rotary (RoPE)", choices=("learned", "rope"))
+    rope_theta: float = option(10000.0, "RoPE base")
+    rope_interleave: bool = option(False, "pair features 2i, 2i+1 (DeepSeek) instead of i, i + dim/2 (Llama, HF)")
+    norm: str = option("layernorm", "the pre-norm of every block and the final norm", choices=("layernorm", "rmsnorm"))
+    norm_eps: float = option(1e-5, "epsilon of the norms")
+    tie_embeddings: bool = option(True, "lm_head shares the token embedding's weights")
+    dropout: float = option(0.0, "on attention weights and residual branches while training")
+    bias: bool = option(False, "biases in every Linear and LayerNorm")
 
     def __post_init__(self):
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "d_model"):
+        check_choices(self)
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "d_model", "kv_lora_rank", "qk_nope_head_dim",
+                     "qk_rope_head_dim", "v_head_dim", "n_routed_experts", "n_activated_experts", "n_expert_groups",
+                     "n_limited_groups"):
             _checks.positive_int(name, getattr(self, name))
-        for name, allowed in self.CHOICES.items():
-            _checks.one_of(name, getattr(self, name), allowed)
+        for name in ("q_lora_rank", "n_shared_experts", "n_dense_layers"):
+            _checks.non_negative_int(name, getattr(self, name))
         _checks.dropout_prob(self.dropout)
+        _checks.positive("route_scale", self.route_scale)
+        _checks.non_negative("aux_loss_coef", self.aux_loss_coef)
+        _checks.non_negative("bias_update_speed", self.bias_update_speed)
+        _checks.positive("norm_eps", self.norm_eps)
+        _checks.real("rope_theta", self.rope_theta, low=1, low_open=True)
+        if self.capacity_factor is not None:
+            _checks.positive("capacity_factor", self.capacity_factor)
         if self.head_dim is None:
             _checks.divisible("d_model", self.d_model, "n_head", self.n_head)
-        else:
-            _checks.positive_int("head_dim", self.head_dim)
-        if self.n_kv_head is not None:
-            _checks.positive_int("n_kv_head", self.n_kv_head)
-        kv = self.kv_heads
+            self.head_dim = self.d_model // self.n_head
+        _checks.positive_int("head_dim", self.head_dim)
+        if self.n_kv_head is None:
+            self.n_kv_head = 1 if self.attention == "mqa" else self.n_head
+        _checks.positive_int("n_kv_head", self.n_kv_head)
+        if self.ffn_hidden is None:
+            self.ffn_hidden = 8 * ((8 * self.d_model // 3 + 7) // 8) if self.activation == "swiglu" else 4 * self.d_model
+        _checks.positive_int("ffn_hidden", self.ffn_hidden)
+        if self.expert_hidden is None:
+            self.expert_hidden = max(1, self.ffn_hidden // self.n_activated_experts)
+        _checks.positive_int("expert_hidden", self.expert_hidden)
+        kv = self.n_kv_head
         if self.attention == "mha" and kv != self.n_head:
             raise ConfigError(f"n_kv_head={kv} is not allowed with attention='mha': MHA has n_kv_head == n_head={self.n_head} (use 'gqa')")
         if self.attention == "mqa" and kv != 1:
@@ -103,30 +116,10 @@ class GPTConfig:
                 f"positions={self.positions!r} is not allowed with attention='wrapper': "
                 "the lecture's wrapper has no rotary positions, use positions='learned'"
             )
-        if self.attention != "wrapper" and self.positions == "rope" and self.attention != "mla" and self.dims_per_head % 2:
-            raise ConfigError(f"head_dim={self.dims_per_head} is odd: RoPE needs an even head_dim")
-        if self.ffn == "moe":
-            _checks.positive_int("n_routed_experts", self.n_routed_experts)
-            _checks.positive_int("n_activated_experts", self.n_activated_experts)
-            _checks.non_negative_int("n_dense_layers", self.n_dense_layers)
-
-    @property
-    def kv_heads(self) -> int:
-        if self.n_kv_head is not None:
-            return self.n_kv_head
-        return 1 if self.attention == "mqa" else self.n_head
-
-    @property
-    def dims_per_head(self) -> int:
-        return self.head_dim if self.head_dim is not None else self.d_model // self.n_head
-
-    @property
-    def hidden(self) -> int:
-        if self.ffn_hidden is not None:
-            return self.ffn_hidden
-        if self.activation == "swiglu":
-            return 8 * ((8 * self.d_model // 3 + 7) // 8)
-        return 4 * self.d_model
+        if self.attention in ("mha", "gqa", "mqa") and self.positions == "rope" and self.head_dim % 2:
+            raise ConfigError(f"head_dim={self.head_dim} is odd: RoPE needs an even head_dim")
+        if self.attention == "mla" and self.qk_rope_head_dim % 2:
+            raise ConfigError(f"qk_rope_head_dim={self.qk_rope_head_dim} is odd: RoPE rotates pairs of dimensions")
 
     @classmethod
     def from_dict(cls, data: dict) -> "GPTConfig":
@@ -154,7 +147,7 @@ class LectureAttention(nn.Module):
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.n_head, self.head_dim = cfg.n_head, cfg.dims_per_head
+        self.n_head, self.head_dim = cfg.n_head, cfg.head_dim
         self.heads = MultiHeadAttentionWrapper(
             cfg.d_model, self.head_dim, cfg.block_size, cfg.dropout, cfg.n_head, qkv_bias=cfg.bias, fused=True
         )
@@ -188,8 +181,8 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.fc = nn.Linear(cfg.d_model, cfg.hidden, bias=cfg.bias)
-        self.proj = nn.Linear(cfg.hidden, cfg.d_model, bias=cfg.bias)
+        self.fc = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.ffn_hidden, cfg.d_model, bias=cfg.bias)
 
     def forward(self, x):
         return self.proj(F.gelu(self.fc(x)))
@@ -210,7 +203,7 @@ def _attention(cfg: GPTConfig) -> nn.Module:
     from attnlab.attention.gqa import GroupedQueryAttention
 
     return GroupedQueryAttention(
-        cfg.d_model, cfg.n_head, cfg.kv_heads, head_dim=cfg.dims_per_head, qkv_bias=cfg.bias,
+        cfg.d_model, cfg.n_head, cfg.n_kv_head, head_dim=cfg.head_dim, qkv_bias=cfg.bias,
         out_bias=cfg.bias, dropout=cfg.dropout, causal=True, rope=cfg.positions == "rope",
         rope_theta=cfg.rope_theta, rope_interleave=cfg.rope_interleave,
     )
@@ -220,9 +213,8 @@ def _ffn(cfg: GPTConfig, layer: int) -> nn.Module:
     if cfg.ffn == "moe" and layer >= cfg.n_dense_layers:
         from attnlab.moe import MoE
 
-        hidden = cfg.moe_hidden or max(1, cfg.hidden // cfg.n_activated_experts)
         return MoE(
-            cfg.d_model, cfg.n_routed_experts, cfg.n_activated_experts, hidden,
+            cfg.d_model, cfg.n_routed_experts, cfg.n_activated_experts, cfg.expert_hidden,
             n_shared_experts=cfg.n_shared_experts, score_func=cfg.score_func, route_scale=cfg.route_scale,
             n_expert_groups=cfg.n_expert_groups, n_limited_groups=cfg.n_limited_groups,
             aux_loss_coef=cfg.aux_loss_coef, bias_update_speed=cfg.bias_update_speed,
@@ -231,7 +223,7 @@ def _ffn(cfg: GPTConfig, layer: int) -> nn.Module:
     if cfg.activation == "swiglu":
         from attnlab.moe import SwiGLU
 
-        return SwiGLU(cfg.d_model, cfg.hidden, bias=cfg.bias)
+        return SwiGLU(cfg.d_model, cfg.ffn_hidden, bias=cfg.bias)
     return MLP(cfg)
 
 
@@ -252,7 +244,8 @@ class Block(nn.Module):
 
 
 # Output projections get a smaller init (GPT-2): the residual stream sums 2 * n_layer of them.
-_RESIDUAL_OUT = ("attn.proj.weight", "attn.o_proj.weight", "attn.wo.weight", "ffn.proj.weight", "ffn.w2.weight")
+_RESIDUAL_OUT = ("attn.proj.weight", "attn.o_proj.weight", "attn.wo.weight", "ffn.proj.weight", "ffn.w2.weight",
+                 "ffn.experts.w2", "ffn.shared_experts.w2.weight")
 
 
 class GPT(SaveLoadMixin, nn.Module):
@@ -280,15 +273,16 @@ class GPT(SaveLoadMixin, nn.Module):
         return cls(cfg if isinstance(cfg, GPTConfig) else GPTConfig.from_dict(cfg))
 
     def _init_weights(self) -> None:
+        """One rule for every parameter: matrices (dense FFN, experts, router, embeddings) N(0, 0.02),
+        residual-stream output projections N(0, 0.02/√(2·n_layer)), biases 0, norm gains 1."""
         residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
         for name, p in self.named_parameters():
-            module_name = name.rsplit(".", 1)[0]
-            module = self.get_submodule(module_name)
-            if isinstance(module, (nn.Linear, nn.Embedding)) and name.endswith("weight"):
-                std = residual_std if name.endswith(_RESIDUAL_OUT) else 0.02
-                nn.init.normal_(p, mean=0.0, std=std)
-            elif isinstance(module, nn.Linear) and name.endswith("bias"):
+            if p.dim() >= 2:
+                nn.init.normal_(p, mean=0.0, std=residual_std if name.endswith(_RESIDUAL_OUT) else 0.02)
+            elif name.endswith("bias"):
                 nn.init.zeros_(p)
+            else:
+                nn.init.ones_(p)
 
     def num_params(self, non_embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
@@ -340,6 +334,11 @@ class GPT(SaveLoadMixin, nn.Module):
 
         return [blk.ffn for blk in self.blocks if isinstance(blk.ffn, MoE)]
 
+    @property
+    def sparse_parameters(self) -> bool:
+        """True when a step may leave parameters without gradient (MoE experts that got no token)."""
+        return bool(self.moe_layers())
+
     def aux_loss(self) -> torch.Tensor:
         """Sum of the MoE load-balancing losses of the last forward (0 without MoE)."""
         losses = [m.aux_loss for m in self.moe_layers()]
@@ -361,8 +360,13 @@ class GPT(SaveLoadMixin, nn.Module):
             "moe_tokens_per_expert": [[int(n) for n in torch.as_tensor(s["tokens_per_expert"]).tolist()] for s in stats],
         }
 
-    def update_moe_bias(self) -> None:
-        """Aux-loss-free balancing step of every MoE layer (after optimizer.step())."""
+    def train_stats(self) -> dict:
+        """What the trainer logs besides the loss: the MoE aux loss and routing statistics."""
+        stats = self.moe_stats()
+        return {"moe_aux_loss": float(self.aux_loss().detach()), **stats} if stats else {}
+
+    def after_optimizer_step(self) -> None:
+        """Aux-loss-free balancing step of every MoE layer (the trainer calls it after optimizer.step())."""
         for m in self.moe_layers():
             m.update_bias()
 

@@ -131,7 +131,7 @@ def smollm2_state_dict(reader, cfg: GPTConfig) -> dict[str, torch.Tensor]:
             if rest == "attn_q.weight":
                 w = _unpermute(w, cfg.n_head)
             elif rest == "attn_k.weight":
-                w = _unpermute(w, cfg.kv_heads)
+                w = _unpermute(w, cfg.n_kv_head)
         state[name] = torch.from_numpy(np.require(w, np.float32, ["C", "W"]))
     if cfg.tie_embeddings:
         state["lm_head.weight"] = state["wte.weight"]

@@ -15,15 +15,12 @@ import math
 import statistics
 from pathlib import Path
 
-from attnlab.bench.common import markdown_table
-from attnlab.data.corpus import atomic_output
-
-ATTENTION_PNG = "attention.png"
-LOSS_TIME_PNG = "loss_vs_time.png"
-LOSS_TOKENS_PNG = "loss_vs_tokens.png"
-KV_PNG = "kv_tradeoff.png"
-MOE_PNG = "moe_load.png"
-REPORT_FILES = ("report.md", "report.html", LOSS_TIME_PNG, LOSS_TOKENS_PNG, KV_PNG, MOE_PNG, ATTENTION_PNG)
+from attnlab.bench.results import markdown_table
+from attnlab.compare.layout import (ATTENTION_PNG, KV_PNG, LOSS_TIME_PNG, LOSS_TOKENS_PNG, MOE_PNG, REPORT_HTML,
+                                    REPORT_MD, RESULT, RUN_INFO)
+from attnlab.device import describe_machine
+from attnlab.files import read_jsonl, write_text
+from attnlab.trainer import METRICS
 TABLE_HEADERS = ["model", "status", "params (total)", "params (active)", "val loss", "perplexity", "bits/char",
                  "train tok/s", "wall time", "steps", "train tokens", "KV cache B/token", "KV cache @ context",
                  "decode tok/s"]
@@ -33,9 +30,6 @@ _COLORS = {"ngram": "#7f7f7f", "mlp": "#8c564b", "mha": "#1f77b4", "gqa": "#2ca0
 
 def load_run(out) -> tuple[dict, dict]:
     """(compare.json, {model: result.json + "metrics": rows}) of a comparison folder, in run order."""
-    from attnlab.compare import RESULT, RUN_INFO
-    from attnlab.train import METRICS
-
     out = Path(out)
     info = json.loads((out / RUN_INFO).read_text(encoding="utf-8"))
     results = {}
@@ -45,8 +39,7 @@ def load_run(out) -> tuple[dict, dict]:
             continue
         result = json.loads(path.read_text(encoding="utf-8"))
         metrics = out / name / METRICS
-        result["metrics"] = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] \
-            if metrics.is_file() else []
+        result["metrics"] = read_jsonl(metrics) if metrics.is_file() else []
         results[name] = result
     return info, results
 
@@ -212,11 +205,11 @@ def _blocks(out: Path, info: dict, results: dict) -> list[tuple]:
         ("list", [
             f"Budget per model: {budget}; every neural model sees the same batches ({cfg['batch_size']} × "
             f"{cfg['block_size']} tokens per step, seed {cfg['seed']}), AdamW lr {cfg['lr']:g} with warmup and cosine "
-            f"decay, {info['precision']} autocast for training.",
+            f"decay; precision {info['precision']} ({machine.get('precision', {}).get('reason', 'as configured')}).",
             f"val loss: mean cross-entropy over {info['eval_windows']} fixed windows of {info['eval_window_tokens']} "
             "tokens spread over the val split, each window read on its own (the n-gram too sees only earlier tokens "
             "of its window); perplexity = exp(val loss); bits/char = summed loss / characters / ln 2.",
-            "params: total; active = used per token (an MoE layer uses its shared and top-2 routed experts). "
+            "params: total; active = used per token (an MoE layer uses its shared and its top-k routed experts). "
             "For the n-gram: stored n-gram counts.",
             "train tok/s: median over the trainer's log rows (evals included); wall time: from the model's first "
             "training step to its last (periodic evals included); n-gram: fitting every order tried.",
@@ -254,16 +247,11 @@ def _blocks(out: Path, info: dict, results: dict) -> list[tuple]:
     wall = info.get("wall_s")
     blocks += [("h2", "Run"), ("list", [
         f"command: `{info.get('command') or 'attnlab.compare.compare(...)'}`",
-        f"machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']} "
-        f"({machine['threads']} threads){', GPU ' + machine['gpu'] if machine.get('gpu') else ''}, Python {info['python']}",
+        f"machine: {describe_machine(machine)}, Python {info['python']}",
         f"date: {machine['date']}; the whole comparison took {_seconds(wall)} before writing this report",
         f"corpus: {cfg['corpus']} ({info['corpus_chars']:,} characters), {cfg['tokenizer']} tokenizer "
         f"(vocabulary {info['vocab_size']}), {info['train_tokens']:,} train / {info['val_tokens']:,} val tokens",
-        f"GPTs: {cfg['n_layer']} layers, d_model {cfg['d_model']}, {cfg['n_head']} heads, block {cfg['block_size']}, "
-        f"RoPE, RMSNorm, SwiGLU FFN {cfg['ffn_hidden']}; GQA {cfg['n_kv_head_gqa']} K/V heads; MLA kv_lora_rank "
-        f"{cfg['kv_lora_rank']}; MoE {cfg['n_routed_experts']} routed experts (top-2) + 1 shared, "
-        f"each {cfg['ffn_hidden'] // 3} wide; MLP n-gram: context {cfg['mlp_context']}, embedding {cfg['mlp_embed']}, "
-        f"hidden {4 * cfg['d_model']}",
+        *(f"{r['label']}: {r['architecture']}" for r in results.values() if r.get("architecture")),
         "curves: the trainer's periodic val estimate (random val windows, the same for every model at a given step).",
     ])]
     return blocks
@@ -350,8 +338,6 @@ def write_report(out) -> Path:
     if not _moe_plot(results, out / MOE_PNG):
         (out / MOE_PNG).unlink(missing_ok=True)
     blocks = _blocks(out, info, results)
-    with atomic_output(out / "report.md") as tmp:
-        tmp.write_text(render_markdown(blocks), encoding="utf-8")
-    with atomic_output(out / "report.html") as tmp:
-        tmp.write_text(render_html(blocks, out), encoding="utf-8")
-    return out / "report.md"
+    write_text(out / REPORT_MD, render_markdown(blocks))
+    write_text(out / REPORT_HTML, render_html(blocks, out))
+    return out / REPORT_MD
