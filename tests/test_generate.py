@@ -170,8 +170,8 @@ def test_generate_text_and_cli_stop_at_the_tokenizers_eos(tmp_path, monkeypatch,
     folder = saved_folder(tmp_path)
     load = generate_module.load_for_generation
 
-    def load_with_eos(source, device="auto"):
-        model, tokenizer = load(source, device=device)
+    def load_with_eos(source, device="auto", dtype="auto"):
+        model, tokenizer = load(source, device=device, dtype=dtype)
         tokenizer.eos_id = tokenizer.stoi["q"]
         return model, tokenizer
 

@@ -156,6 +156,7 @@ def command_line() -> str:
 
 def _add_train(sub) -> None:
     from attnlab.models.gpt import GPTConfig
+    from attnlab.recipes import RECIPES
     from attnlab.trainer import TrainConfig
 
     p = sub.add_parser(
@@ -167,6 +168,9 @@ def _add_train(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace the run in an existing --out folder")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--recipe", default=None, choices=list(RECIPES),
+                   help="start from a named recipe (" + "; ".join(f"{n}: {r.description}" for n, r in RECIPES.items())
+                        + "); flags given with it override its fields")
     _config_flags(p.add_argument_group("model (GPTConfig)"), GPTConfig, "model")
     _config_flags(p.add_argument_group("training (TrainConfig)"), TrainConfig, "train")
     p.set_defaults(func=_cmd_train)
@@ -205,9 +209,15 @@ class _TrainProgress:
 def _cmd_train(args) -> int:
     import os
 
+    from attnlab.recipes import recipe
     from attnlab.train import train
 
     model, config = _given(args, "model"), _given(args, "train")
+    if args.recipe is not None:
+        if args.resume:
+            raise UserError("--recipe starts a run; --resume continues one with its saved settings: pass one of them")
+        chosen = recipe(args.recipe)
+        model, config = {**chosen.model, **model}, {**chosen.train, **config}
     main_process = os.environ.get("RANK", "0") == "0"
     progress = _TrainProgress(main_process and not args.quiet)
     try:
@@ -244,6 +254,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--no-stop", action="store_true",
                    help="keep going past the end-of-sequence token (SmolLM2's <|im_end|>) up to --max-new-tokens")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="weights and compute dtype (default auto: bf16 only where it measured faster than fp32 here)")
     p.set_defaults(func=_cmd_generate)
 
 
@@ -260,7 +272,8 @@ def _cmd_generate(args) -> int:
     prompt = "\n" if prompt is None else prompt
     pieces = generate_text(source, prompt, args.max_new_tokens, temperature=args.temperature,
                            top_k=args.top_k or None, top_p=args.top_p, seed=args.seed,
-                           use_cache=not args.no_cache, stop_at_eos=not args.no_stop, device=args.device)
+                           use_cache=not args.no_cache, stop_at_eos=not args.no_stop, device=args.device,
+                           dtype=args.dtype)
     sys.stdout.write(prompt)
     for piece in pieces:
         sys.stdout.write(piece)

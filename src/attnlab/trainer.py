@@ -99,7 +99,7 @@ class TrainConfig:
         if self.max_time is not None:
             _checks.positive("max_time", self.max_time)
         if self.target_val_loss is not None:
-            _checks.real("target_val_loss", self.target_val_loss)
+            _checks.non_negative("target_val_loss", self.target_val_loss)
         if not isinstance(self.device, str):
             raise ConfigError(f"device={self.device!r} is not allowed: expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
 
