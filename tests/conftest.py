@@ -45,11 +45,12 @@ def _seed():
 def tiny_checkpoint(tmp_path) -> str:
     """A small random Encoder saved with MiniLM's WordPiece tokenizer: a CHECKPOINT_FOLDER for the CLI."""
     from attnlab.errors import ConfigError
-    from attnlab.models import pretrained
+    from attnlab.data.tokenizer import WordPieceTokenizer
+    from attnlab.hf.bert import minilm_path
     from attnlab.models.encoder import Encoder, EncoderConfig
 
     try:
-        tokenizer = pretrained.WordPieceTokenizer.from_file(pretrained.minilm_path() / "tokenizer.json")
+        tokenizer = WordPieceTokenizer.from_file(minilm_path() / "tokenizer.json")
     except ConfigError as err:
         if os.environ.get("CI"):
             raise

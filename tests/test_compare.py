@@ -133,3 +133,15 @@ def test_errors(corpus, tmp_path, capsys):
     assert "unknown: bogus" in capsys.readouterr().err
     assert main(["compare", "--budget", "soon", "--out", str(tmp_path / "c"), "--quiet"]) == 2
     assert "budget='soon'" in capsys.readouterr().err
+
+
+def test_the_same_seed_gives_the_same_losses(corpus, tmp_path):
+    """A token budget makes the table independent of the machine's speed: two runs, same numbers."""
+    config = {**TINY, "models": ("mlp", "gqa", "mla-moe"), "budget": "4ktok", "corpus": corpus, "dtype": "float32"}
+    first = compare(tmp_path / "a", config)["results"]
+    second = compare(tmp_path / "b", config)["results"]
+    for name in config["models"]:
+        assert first[name]["val_loss"] == second[name]["val_loss"], name
+        curves = [[json.loads(row)["train_loss"] for row in (tmp_path / run / name / "metrics.jsonl").read_text().splitlines()]
+                  for run in ("a", "b")]
+        assert curves[0] == curves[1] and len(curves[0]) > 1

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from attnlab import ConfigError
-from attnlab.heads import attention_between, words
-from attnlab.models.pretrained import MINILM_PACKAGE, Tokenized
+from attnlab.word_attention import attention_between, words
+from attnlab.data.tokenizer import Tokenized
+from attnlab.hf.bert import MINILM_PACKAGE
 
 TEXT = "The painter's brush, with paint"
 # "painter's" -> 3 pieces, "brush" -> 2 pieces; [CLS]/[SEP] cover no text.

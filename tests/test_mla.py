@@ -6,7 +6,8 @@ import torch
 
 from attnlab import ConfigError, InputTypeError, record_attention
 from attnlab.attention.cache import KVCache, LatentKVCache
-from attnlab.attention.mla import MultiHeadLatentAttention, mla_from_hf_deepseek
+from attnlab.attention.mla import MultiHeadLatentAttention
+from attnlab.hf.modules import mla_from_hf_deepseek
 
 D_MODEL, N_HEADS = 32, 4
 DIMS = dict(kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6)
@@ -291,7 +292,7 @@ def test_hf_deepseek_loader_rejects_what_it_cannot_match():
 
 @pytest.mark.parametrize("version", [2, 3])
 def test_from_hf_dispatches_deepseek_attention(version):
-    from attnlab.attention import from_hf
+    from attnlab.hf import from_hf
 
     reference = hf_attention(version, 12)
     ours = from_hf(reference)

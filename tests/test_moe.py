@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from attnlab.errors import ConfigError
-from attnlab.moe import MoE, SwiGLU
+from attnlab.ffn import MoE, SwiGLU
 
 D = 16
 

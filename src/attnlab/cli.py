@@ -330,7 +330,7 @@ def _add_heads(sub) -> None:
 
 
 def _cmd_heads(args) -> int:
-    from attnlab.heads import attention_between
+    from attnlab.word_attention import attention_between
     from attnlab.models.pretrained import load_attention_model
 
     tokenized, weights = load_attention_model(args.model).attention(args.text)

@@ -22,7 +22,7 @@ from attnlab.data.tokenizer import load_tokenizer
 from attnlab.errors import ConfigError, InputTypeError
 from attnlab.models.base import read_config
 from attnlab.models.gpt import MODEL_TYPE, GPT
-from attnlab.models.smollm2 import load_smollm2
+from attnlab.hf.smollm2 import load_smollm2
 
 
 def _check_sampling(temperature, top_k, top_p) -> None:

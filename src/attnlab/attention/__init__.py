@@ -1,8 +1,8 @@
-"""Attention modules: the lecture path, the kernel, and recording of per-head weights."""
+"""Attention modules: the lecture path, the kernel, and recording of per-head weights.
+(HF transformers attention modules convert to these with :func:`attnlab.hf.from_hf`.)"""
 
 from attnlab.attention.cache import KVCache, LatentKVCache
 from attnlab.attention.gqa import GroupedQueryAttention
-from attnlab.attention.interop import from_hf
 from attnlab.attention.kernel import attend, causal_mask
 from attnlab.attention.lecture import (
     CausalAttention,
@@ -29,7 +29,6 @@ __all__ = [
     "RecordsAttention",
     "record_attention",
     "GroupedQueryAttention",
-    "from_hf",
     "MultiHeadLatentAttention",
     "RotaryEmbedding",
     "apply_rope",

@@ -11,7 +11,7 @@ import torch
 from attnlab import _checks
 from attnlab.bench.attention import time_case
 from attnlab.bench.results import BenchReport, Table, fmt_ratio
-from attnlab.moe import MoE, SwiGLU
+from attnlab.ffn import MoE, SwiGLU
 
 FAST = "MoE, fast dispatch"
 REFERENCE = "MoE, reference dispatch"

@@ -1,13 +1,16 @@
-"""Tokenizers: character level (the corpus's own characters) and byte-level BPE (HF tokenizers),
-both saved as one ``tokenizer.json`` next to a checkpoint and read back by :func:`load_tokenizer`."""
+"""Tokenizers: character level (the corpus's own characters), byte-level BPE (HF tokenizers) and
+BERT's WordPiece, each saved as one ``tokenizer.json`` next to a checkpoint; :func:`tokenize` gives
+any of them a text's tokens with their character spans."""
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from attnlab._checks import one_of, positive_int
 from attnlab.errors import ConfigError, InputTypeError
@@ -92,8 +95,6 @@ class BPETokenizer:
     @classmethod
     def train(cls, text: str, vocab_size: int = 2048, min_frequency: int = 2) -> "BPETokenizer":
         """Learn merges on ``text`` until ``vocab_size`` tokens (256 bytes + <|endoftext|> + merges)."""
-        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
         _check_text(text)
         positive_int("vocab_size", vocab_size)
         if vocab_size < 257:
@@ -128,6 +129,70 @@ class BPETokenizer:
             tmp.write_text(self._tok.to_str(), encoding="utf-8")
 
 
+@dataclass
+class Tokenized:
+    """A text as the model sees it: ids, a display string per token, and each token's character
+    span in the text (None for tokens that stand for no text, such as [CLS])."""
+
+    text: str
+    ids: list[int]
+    tokens: list[str]
+    spans: list[tuple[int, int] | None]
+
+
+class WordPieceTokenizer:
+    """BERT's WordPiece (HF ``tokenizers``, from a tokenizer.json): lower-cases, splits rare words
+    into ``##`` pieces and wraps the text in [CLS] … [SEP]. Never truncates or pads."""
+
+    def __init__(self, tokenizer):
+        self._tok = tokenizer
+        self._tok.no_truncation()
+        self._tok.no_padding()
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> "WordPieceTokenizer":
+        return cls(Tokenizer.from_file(str(path)))
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenize(text).ids
+
+    def decode(self, ids) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=True)
+
+    def tokenize(self, text: str) -> Tokenized:
+        if not isinstance(text, str):
+            raise InputTypeError(f"text must be a str, got {type(text).__name__}")
+        enc = self._tok.encode(text)
+        spans = [None if special else tuple(span) for span, special in zip(enc.offsets, enc.special_tokens_mask)]
+        return Tokenized(text, list(enc.ids), list(enc.tokens), spans)
+
+    def save(self, path: str | os.PathLike) -> None:
+        self._tok.save(str(path))
+
+
+def tokenize(tokenizer, text: str) -> Tokenized:
+    """Tokens and character spans from any attnlab tokenizer. Without a native ``tokenize``, a
+    token's span ends where the decoded prefix up to it ends (a token holding part of a
+    multi-byte character gets None; the token completing the character gets its span)."""
+    if hasattr(tokenizer, "tokenize"):
+        return tokenizer.tokenize(text)
+    ids = tokenizer.encode(text)
+    tokens, spans, start = [], [], 0
+    for k in range(len(ids)):
+        tokens.append(tokenizer.decode(ids[k:k + 1]))
+        prefix = tokenizer.decode(ids[:k + 1])
+        if text.startswith(prefix) and len(prefix) > start:
+            spans.append((start, len(prefix)))
+            start = len(prefix)
+        else:
+            spans.append(None)
+    return Tokenized(text, list(ids), tokens, spans)
+
+
 def train_tokenizer(kind: str, text: str, vocab_size: int | None = None):
     """A tokenizer for ``text``: ``"char"`` (vocab = its characters) or ``"bpe"`` (vocab_size, default 2048)."""
     one_of("tokenizer", kind, ("char", "bpe"))
@@ -153,8 +218,6 @@ def load_tokenizer(path: str | os.PathLike):
     if isinstance(data, dict) and data.get("type") == "char" and isinstance(data.get("chars"), str):
         return CharTokenizer(data["chars"])
     if isinstance(data, dict) and "model" in data:
-        from tokenizers import Tokenizer
-
         try:
             return BPETokenizer(Tokenizer.from_str(raw))
         except Exception as err:

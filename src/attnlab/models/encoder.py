@@ -44,26 +44,6 @@ class EncoderConfig:
         if not 0 <= self.pad_token_id < self.vocab_size:
             raise ConfigError(f"pad_token_id={self.pad_token_id!r} is not allowed: expected 0..{self.vocab_size - 1}")
 
-    @classmethod
-    def from_bert(cls, hf: dict) -> "EncoderConfig":
-        """The config a HF BERT ``config.json`` (as a dict) describes."""
-        if hf.get("hidden_act", "gelu") != "gelu" or hf.get("position_embedding_type", "absolute") != "absolute":
-            raise ConfigError(
-                f"hidden_act={hf.get('hidden_act')!r}, position_embedding_type={hf.get('position_embedding_type')!r}: "
-                "expected a BERT with 'gelu' and 'absolute' positions"
-            )
-        return cls(
-            vocab_size=hf["vocab_size"],
-            max_position_embeddings=hf["max_position_embeddings"],
-            type_vocab_size=hf["type_vocab_size"],
-            d_model=hf["hidden_size"],
-            n_layer=hf["num_hidden_layers"],
-            n_head=hf["num_attention_heads"],
-            ffn_hidden=hf["intermediate_size"],
-            norm_eps=hf["layer_norm_eps"],
-            pad_token_id=hf.get("pad_token_id") or 0,
-        )
-
 
 class EncoderLayer(nn.Module):
     """Bidirectional attention and a GELU FFN, each added to the residual then LayerNorm'ed (post-norm)."""
@@ -143,46 +123,6 @@ class Encoder(SaveLoadMixin, nn.Module):
         weights = torch.ones_like(input_ids, dtype=last.dtype) if attention_mask is None else attention_mask.to(last.dtype)
         pooled = (last * weights.unsqueeze(-1)).sum(1) / weights.sum(1, keepdim=True).clamp(min=1e-9)
         return F.normalize(pooled, dim=-1) if normalize else pooled
-
-
-# HF BERT parameter names -> ours; "{i}" is the layer index.
-_BERT_NAMES = {
-    "embeddings.word_embeddings.weight": "wte.weight",
-    "embeddings.position_embeddings.weight": "wpe.weight",
-    "embeddings.token_type_embeddings.weight": "wtt.weight",
-    "embeddings.LayerNorm.weight": "norm_emb.weight",
-    "embeddings.LayerNorm.bias": "norm_emb.bias",
-}
-_BERT_LAYER_NAMES = {
-    "attention.self.query": "attn.q_proj",
-    "attention.self.key": "attn.k_proj",
-    "attention.self.value": "attn.v_proj",
-    "attention.output.dense": "attn.o_proj",
-    "attention.output.LayerNorm": "norm1",
-    "intermediate.dense": "fc",
-    "output.dense": "proj",
-    "output.LayerNorm": "norm2",
-}
-_BERT_UNUSED = ("pooler.", "embeddings.position_ids")
-
-
-def bert_state_dict(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A HF BertModel state dict (optionally "bert."-prefixed) renamed to this Encoder's names.
-    The pooler (unused by mean pooling) is dropped; any other unknown key is an error."""
-    state = {}
-    for key, value in tensors.items():
-        name = key.removeprefix("bert.")
-        if name.startswith(_BERT_UNUSED):
-            continue
-        if name in _BERT_NAMES:
-            state[_BERT_NAMES[name]] = value
-            continue
-        parts = name.split(".")
-        module, param = ".".join(parts[3:-1]), parts[-1]
-        if parts[:2] != ["encoder", "layer"] or module not in _BERT_LAYER_NAMES:
-            raise ConfigError(f"unexpected BERT weight {key!r}: expected embeddings.*, encoder.layer.N.* or pooler.*")
-        state[f"layers.{parts[2]}.{_BERT_LAYER_NAMES[module]}.{param}"] = value
-    return state
 
 
 register_model(MODEL_TYPE, Encoder)

@@ -16,10 +16,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from attnlab import _checks
+from attnlab.attention.cache import KVCache
+from attnlab.attention.gqa import GroupedQueryAttention
 from attnlab.attention.lecture import MultiHeadAttentionWrapper
+from attnlab.attention.mla import MultiHeadLatentAttention
 from attnlab.errors import ConfigError, InputTypeError
+from attnlab.ffn import MLP, SCORE_FUNCS, MoE, SwiGLU
 from attnlab.models.base import SaveLoadMixin, register_model
-from attnlab.moe import SCORE_FUNCS
 from attnlab.norm import RMSNorm
 from attnlab.options import check_choices, option
 
@@ -169,39 +172,21 @@ class LectureAttention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
     def new_cache(self, batch_size, max_len, *, dtype=None, device=None):
-        from attnlab.attention.cache import KVCache
-
         w = self.proj.weight
         return KVCache(batch_size, self.n_head, max_len, self.head_dim,
                        dtype=dtype or w.dtype, device=device or w.device)
-
-
-class MLP(nn.Module):
-    """nanoGPT's dense FFN: Linear -> GELU -> Linear."""
-
-    def __init__(self, cfg: GPTConfig):
-        super().__init__()
-        self.fc = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=cfg.bias)
-        self.proj = nn.Linear(cfg.ffn_hidden, cfg.d_model, bias=cfg.bias)
-
-    def forward(self, x):
-        return self.proj(F.gelu(self.fc(x)))
 
 
 def _attention(cfg: GPTConfig) -> nn.Module:
     if cfg.attention == "wrapper":
         return LectureAttention(cfg)
     if cfg.attention == "mla":
-        from attnlab.attention.mla import MultiHeadLatentAttention
-
         return MultiHeadLatentAttention(
             cfg.d_model, cfg.n_head, q_lora_rank=cfg.q_lora_rank, kv_lora_rank=cfg.kv_lora_rank,
             qk_nope_head_dim=cfg.qk_nope_head_dim, qk_rope_head_dim=cfg.qk_rope_head_dim,
             v_head_dim=cfg.v_head_dim, rope_theta=cfg.rope_theta, rope_interleave=cfg.rope_interleave,
             mode=cfg.mla_mode, dropout=cfg.dropout, causal=True, norm_eps=cfg.norm_eps,
         )
-    from attnlab.attention.gqa import GroupedQueryAttention
-
     return GroupedQueryAttention(
         cfg.d_model, cfg.n_head, cfg.n_kv_head, head_dim=cfg.head_dim, qkv_bias=cfg.bias,
         out_bias=cfg.bias, dropout=cfg.dropout, causal=True, rope=cfg.positions == "rope",
@@ -211,8 +196,6 @@ def _attention(cfg: GPTConfig) -> nn.Module:
 
 def _ffn(cfg: GPTConfig, layer: int) -> nn.Module:
     if cfg.ffn == "moe" and layer >= cfg.n_dense_layers:
-        from attnlab.moe import MoE
-
         return MoE(
             cfg.d_model, cfg.n_routed_experts, cfg.n_activated_experts, cfg.expert_hidden,
             n_shared_experts=cfg.n_shared_experts, score_func=cfg.score_func, route_scale=cfg.route_scale,
@@ -221,10 +204,8 @@ def _ffn(cfg: GPTConfig, layer: int) -> nn.Module:
             capacity_factor=cfg.capacity_factor,
         )
     if cfg.activation == "swiglu":
-        from attnlab.moe import SwiGLU
-
         return SwiGLU(cfg.d_model, cfg.ffn_hidden, bias=cfg.bias)
-    return MLP(cfg)
+    return MLP(cfg.d_model, cfg.ffn_hidden, bias=cfg.bias)
 
 
 class Block(nn.Module):
@@ -330,8 +311,6 @@ class GPT(SaveLoadMixin, nn.Module):
     def moe_layers(self) -> list[nn.Module]:
         if self.config.ffn != "moe":
             return []
-        from attnlab.moe import MoE
-
         return [blk.ffn for blk in self.blocks if isinstance(blk.ffn, MoE)]
 
     @property

@@ -15,7 +15,7 @@ import torch
 
 from attnlab import _checks
 from attnlab.errors import ConfigError, InputTypeError
-from attnlab.models.pretrained import Tokenized
+from attnlab.data.tokenizer import Tokenized
 from attnlab.viz.heatmap import attention_stack
 
 _WORD = re.compile(r"\w+(?:['’]\w+)*|[^\w\s]")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
 from attnlab.data.tokenizer import BPETokenizer
 from attnlab.errors import ConfigError
@@ -142,8 +143,6 @@ def smollm2_tokenizer(reader) -> BPETokenizer:
     """The GGUF's byte-level BPE as an attnlab tokenizer: vocab and merges from the metadata,
     control tokens (<|im_start|>, ...) kept whole, and SmolLM2's pre-tokenizer (every digit on its
     own, then GPT-2's byte-level split)."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-
     pre = _field(reader, "tokenizer.ggml.model")
     if pre != "gpt2":
         raise ConfigError(f"{reader.path!s} has tokenizer.ggml.model={pre!r}: expected a byte-level BPE ('gpt2')")

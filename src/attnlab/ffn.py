@@ -1,4 +1,5 @@
-"""Mixture-of-experts feed-forward layer with DeepSeek-V3's names (DeepSeekMoE routing).
+"""The feed-forward layers of a transformer block: nanoGPT's GELU MLP, Llama's SwiGLU, and the
+mixture-of-experts layer with DeepSeek-V3's names (DeepSeekMoE routing).
 
 Every token is scored against ``n_routed_experts`` fine-grained SwiGLU experts, goes to the
 ``n_activated_experts`` best (optionally only within the ``n_limited_groups`` best groups) and
@@ -21,6 +22,18 @@ from attnlab.errors import ConfigError
 
 SCORE_FUNCS = ("softmax", "sigmoid")
 DISPATCHES = ("fast", "reference")
+
+
+class MLP(nn.Module):
+    """nanoGPT's dense FFN: Linear -> GELU -> Linear."""
+
+    def __init__(self, d_model: int, hidden: int, bias: bool = False):
+        super().__init__()
+        self.fc = nn.Linear(d_model, hidden, bias=bias)
+        self.proj = nn.Linear(hidden, d_model, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.gelu(self.fc(x)))
 
 
 class SwiGLU(nn.Module):

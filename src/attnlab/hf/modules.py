@@ -1,4 +1,5 @@
-"""Loading attention weights from HF transformers modules into attnlab's own modules.
+"""Attention modules of HF transformers (GPT-2, Llama/SmolLM2, DeepSeek-V2/V3 MLA) turned into
+attnlab's own modules with their weights.
 
 ``from_hf(hf_attention)`` reads the config from the HF module, builds the equivalent attnlab
 module and copies the weights, so both give the same output on the same input. Loaders are
@@ -14,7 +15,7 @@ import torch
 from torch import nn
 
 from attnlab.attention.gqa import GroupedQueryAttention
-from attnlab.attention.mla import mla_from_hf_deepseek
+from attnlab.attention.mla import MultiHeadLatentAttention
 from attnlab.errors import ConfigError, InputTypeError
 
 HF_LOADERS: dict[str, Callable[[nn.Module], nn.Module]] = {}
@@ -94,5 +95,65 @@ def _from_llama(attn: nn.Module) -> GroupedQueryAttention:
     return _copy(module, weights, attn.q_proj.weight)
 
 
-# DeepSeek-V2/V3 MLA: same weight layout; the loader lives next to the module it builds.
-register_hf_loader("DeepseekV2Attention", "DeepseekV3Attention")(mla_from_hf_deepseek)
+@register_hf_loader("DeepseekV2Attention", "DeepseekV3Attention")
+def mla_from_hf_deepseek(hf_attention: nn.Module) -> MultiHeadLatentAttention:
+    """Build an MLA module from transformers' DeepseekV2Attention / DeepseekV3Attention, weights copied.
+
+    The config is read from the module. Only default RoPE is supported (no YaRN scaling);
+    V2 always rotates adjacent pairs, V3 follows its config's ``rope_interleave``.
+    """
+    config = getattr(hf_attention, "config", None)
+    if config is None:
+        raise InputTypeError(f"{type(hf_attention).__name__} has no .config: expected a DeepSeek attention module")
+    rope = getattr(config, "rope_parameters", None) or {}
+    rope_type = rope.get("rope_type", "default")
+    if rope_type != "default":
+        raise ConfigError(
+            f"rope_parameters rope_type={rope_type!r} is not supported: attnlab's MLA implements plain "
+            f"RoPE (rope_type='default'), not YaRN or other scaled variants"
+        )
+    if getattr(config, "attention_bias", False):
+        raise ConfigError("attention_bias=True is not supported: attnlab's MLA projections have no bias")
+    n_heads = config.num_attention_heads
+    n_kv_heads = getattr(config, "num_key_value_heads", None) or n_heads
+    if n_kv_heads != n_heads:
+        raise ConfigError(
+            f"num_key_value_heads={n_kv_heads} differs from num_attention_heads={n_heads}: "
+            f"MLA has one key/value head per query head"
+        )
+    # DeepSeek-V2 always rotates adjacent pairs (complex view); V3 reads rope_interleave.
+    interleave = True if config.model_type == "deepseek_v2" else getattr(config, "rope_interleave", True)
+    q_lora_rank = config.q_lora_rank or 0
+    weight = hf_attention.kv_b_proj.weight
+    module = MultiHeadLatentAttention(
+        config.hidden_size,
+        n_heads,
+        q_lora_rank=q_lora_rank,
+        kv_lora_rank=config.kv_lora_rank,
+        qk_nope_head_dim=config.qk_nope_head_dim,
+        qk_rope_head_dim=config.qk_rope_head_dim,
+        v_head_dim=config.v_head_dim,
+        rope_theta=float(rope.get("rope_theta", 10000.0)),
+        rope_interleave=bool(interleave),
+        dropout=float(getattr(config, "attention_dropout", 0.0) or 0.0),
+        norm_eps=hf_attention.kv_a_layernorm.variance_epsilon,
+    ).to(device=weight.device, dtype=weight.dtype)
+
+    names = {
+        "wkv_a": "kv_a_proj_with_mqa", "kv_norm": "kv_a_layernorm", "wkv_b": "kv_b_proj", "wo": "o_proj",
+    }
+    if q_lora_rank == 0:
+        names["wq"] = "q_proj"
+    else:
+        names.update(wq_a="q_a_proj", q_norm="q_a_layernorm", wq_b="q_b_proj")
+    with torch.no_grad():
+        for ours, theirs in names.items():
+            source = getattr(hf_attention, theirs).weight
+            target = getattr(module, ours).weight
+            if source.shape != target.shape:
+                raise ConfigError(
+                    f"{theirs}.weight has shape {tuple(source.shape)} but the config gives "
+                    f"{ours}.weight shape {tuple(target.shape)}: the module does not match its config"
+                )
+            target.copy_(source)
+    return module.train(hf_attention.training)
