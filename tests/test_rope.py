@@ -53,6 +53,32 @@ def test_scores_depend_only_on_relative_position(shift, interleaved, half_dim):
     assert not torch.allclose(rope(q, pos + 1), rope(q, pos))  # positions do change the vectors
 
 
+@pytest.mark.parametrize("attention", ["gqa", "mla"])
+def test_a_gpt_makes_its_rope_tables_once_and_never_reads_the_device_while_decoding(monkeypatch, attention):
+    """No int()/item()/tolist() in the forward pass (each is a host sync per layer per step on CUDA)."""
+    from attnlab.models.gpt import GPT, GPTConfig
+
+    model = GPT(GPTConfig(vocab_size=11, block_size=32, n_layer=3, n_head=4, n_kv_head=2 if attention == "gqa" else None,
+                          d_model=32, attention=attention, positions="rope", kv_lora_rank=8, qk_nope_head_dim=8,
+                          qk_rope_head_dim=4, v_head_dim=8, mla_mode="absorbed")).eval()
+    built = []
+    for module in model.modules():
+        if isinstance(module, RotaryEmbedding):
+            monkeypatch.setattr(module, "_build", lambda *a, m=module: built.append(m))
+    idx = torch.randint(0, 11, (2, 9))
+    caches = model.new_caches(2, 16)
+    with torch.no_grad():
+        model(idx[:, :8], caches=caches)  # prefill
+
+        def sync(*args, **kwargs):
+            raise AssertionError("the forward pass read a tensor on the host")
+
+        for name in ("__int__", "item", "tolist", "__bool__"):
+            monkeypatch.setattr(torch.Tensor, name, sync)
+        model(idx[:, 8:], caches=caches)  # one decoding step
+    assert built == []  # the model's table, made at init for block_size, served every layer and call
+
+
 def test_batched_positions_and_growth():
     rope = RotaryEmbedding(4)
     x = torch.randn(2, 1, 3, 4)

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import torch
 
 from attnlab import _checks
-from attnlab.attention.cache import KVCache, LatentKVCache
+from attnlab.attention.cache import KVCache, LatentKVCache, kv_elements_per_token, latent_elements_per_token
 from attnlab.attention.gqa import GroupedQueryAttention
-from attnlab.attention.mla import MultiHeadLatentAttention
+from attnlab.attention.mla import MultiHeadLatentAttention, mla_dims
 from attnlab.errors import ConfigError
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -145,17 +145,14 @@ def _variants(dims: AttentionDims) -> list[tuple[str, str, str, object]]:
     """(kind, dims, formula, cache factory) per variant at these dims."""
     d_h, n_h = dims.head_dim, dims.n_heads
     n_g = _gqa_groups(dims)
-    if dims.kind == "MLA":
-        d_c, d_r = dims.kv_lora_rank, dims.qk_rope_head_dim
-        mla_dims = f"d_c={d_c}, d_h^R={d_r}"
-    else:
-        d_c, d_r = 4 * d_h, d_h // 2  # DeepSeek-V2's choice: d_c = 4·d_h, d_h^R = d_h/2
-        mla_dims = f"d_c=4·d_h={d_c}, d_h^R=d_h/2={d_r}"
+    mla = _mla_dims(dims)
+    d_c, d_r = mla["kv_lora_rank"], mla["qk_rope_head_dim"]
+    shown = f"d_c={d_c}, d_h^R={d_r}" if dims.kind == "MLA" else f"d_c=4·d_h={d_c}, d_h^R=d_h/2={d_r}"
     rows = [
         ("MHA", f"n_h={n_h}, d_h={d_h}", "2·n_h·d_h", lambda dt: KVCache(1, n_h, 4, d_h, dtype=dt)),
         ("GQA", f"n_g={n_g}, d_h={d_h}", "2·n_g·d_h", lambda dt: KVCache(1, n_g, 4, d_h, dtype=dt)),
         ("MQA", f"d_h={d_h}", "2·d_h", lambda dt: KVCache(1, 1, 4, d_h, dtype=dt)),
-        ("MLA", mla_dims, "d_c + d_h^R", lambda dt: LatentKVCache(1, 4, d_c, d_r, dtype=dt)),
+        ("MLA", shown, "d_c + d_h^R", lambda dt: LatentKVCache(1, 4, d_c, d_r, dtype=dt)),
     ]
     if dims.kind == "MLA":
         k_dim = dims.qk_nope_head_dim + d_r
@@ -168,14 +165,22 @@ def _formula_elements(dims: AttentionDims, kind: str) -> int:
     """DeepSeek-V2 Table 1, per token and layer."""
     d_h, n_h = dims.head_dim, dims.n_heads
     if kind == "MHA":
-        return 2 * n_h * d_h
+        return kv_elements_per_token(n_h, d_h)
     if kind == "GQA":
-        return 2 * _gqa_groups(dims) * d_h
+        return kv_elements_per_token(_gqa_groups(dims), d_h)
     if kind == "MQA":
-        return 2 * d_h
+        return kv_elements_per_token(1, d_h)
     if kind == "MLA":
-        return dims.kv_lora_rank + dims.qk_rope_head_dim if dims.kind == "MLA" else 4 * d_h + d_h // 2
-    return n_h * (dims.qk_nope_head_dim + dims.qk_rope_head_dim + dims.v_head_dim)  # MLA naive
+        mla = _mla_dims(dims)
+        return latent_elements_per_token(mla["kv_lora_rank"], mla["qk_rope_head_dim"])
+    return kv_elements_per_token(n_h, dims.qk_nope_head_dim + dims.qk_rope_head_dim, dims.v_head_dim)  # MLA naive
+
+
+def _mla_dims(dims: AttentionDims) -> dict:
+    """The model's own MLA dims, or DeepSeek's ratios at its head size for a model without MLA."""
+    if dims.kind == "MLA":
+        return dict(kv_lora_rank=dims.kv_lora_rank, qk_rope_head_dim=dims.qk_rope_head_dim)
+    return mla_dims(dims.head_dim)
 
 
 def _measure(factory, dtype: torch.dtype) -> int:
@@ -236,16 +241,17 @@ def small_model_caches(*, dtype: str = "fp32", n_layers: int = 2, prompt: int = 
     _checks.positive_int("prompt", prompt)
     _checks.non_negative_int("new_tokens", new_tokens)
     d_model, n_heads, head_dim = 64, 8, 8
-    mla = {"kv_lora_rank": 4 * head_dim, "qk_rope_head_dim": head_dim // 2,
-           "qk_nope_head_dim": head_dim, "v_head_dim": head_dim}
+    mla = mla_dims(head_dim)
     builders = {
-        "MHA": (lambda: GroupedQueryAttention(d_model, n_heads, n_heads, rope=True), 2 * n_heads * head_dim),
-        "GQA (n_g=2)": (lambda: GroupedQueryAttention(d_model, n_heads, 2, rope=True), 2 * 2 * head_dim),
-        "MQA": (lambda: GroupedQueryAttention(d_model, n_heads, 1, rope=True), 2 * head_dim),
+        "MHA": (lambda: GroupedQueryAttention(d_model, n_heads, n_heads, rope=True),
+                kv_elements_per_token(n_heads, head_dim)),
+        "GQA (n_g=2)": (lambda: GroupedQueryAttention(d_model, n_heads, 2, rope=True), kv_elements_per_token(2, head_dim)),
+        "MQA": (lambda: GroupedQueryAttention(d_model, n_heads, 1, rope=True), kv_elements_per_token(1, head_dim)),
         "MLA absorbed (latent cache)": (lambda: MultiHeadLatentAttention(d_model, n_heads, mode="absorbed", **mla),
-                                        mla["kv_lora_rank"] + mla["qk_rope_head_dim"]),
+                                        latent_elements_per_token(mla["kv_lora_rank"], mla["qk_rope_head_dim"])),
         "MLA naive (per-head K, V)": (lambda: MultiHeadLatentAttention(d_model, n_heads, mode="naive", **mla),
-                                     n_heads * (mla["qk_nope_head_dim"] + mla["qk_rope_head_dim"] + mla["v_head_dim"])),
+                                     kv_elements_per_token(n_heads, mla["qk_nope_head_dim"] + mla["qk_rope_head_dim"],
+                                                           mla["v_head_dim"])),
     }
     tokens = prompt + new_tokens
     x = torch.randn(1, tokens, d_model, generator=torch.Generator().manual_seed(seed)).to(torch_dtype)

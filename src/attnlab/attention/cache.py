@@ -6,7 +6,9 @@ read back at every later step, so a new token costs one projection instead of a 
   (kv_lora_rank) and the RoPE key k_pe shared by all heads (qk_rope_head_dim).
 
 ``bytes_per_token()`` is the memory one token of one sequence takes in one layer (DeepSeek-V2
-Table 1); ``bytes()`` is what the filled part holds: batch_size * length * bytes_per_token().
+Table 1, from :func:`kv_elements_per_token` / :func:`latent_elements_per_token`, the one place
+those counts are written); ``bytes()`` is measured on the cache's own tensors: what their filled
+part holds.
 """
 
 from __future__ import annotations
@@ -15,6 +17,17 @@ import torch
 
 from attnlab import _checks
 from attnlab.errors import ConfigError, InputTypeError
+
+
+def kv_elements_per_token(n_kv_heads: int, k_dim: int, v_dim: int | None = None) -> int:
+    """Numbers a per-head K/V cache holds per token and layer: 2·n_h·d_h (MHA), 2·n_g·d_h (GQA),
+    2·d_h (MQA), n_h·(d_h + d_h^R + d_v) (naive MLA, whose keys carry the RoPE part)."""
+    return n_kv_heads * (k_dim + (k_dim if v_dim is None else v_dim))
+
+
+def latent_elements_per_token(kv_lora_rank: int, qk_rope_head_dim: int) -> int:
+    """Numbers MLA's absorbed cache holds per token and layer: d_c + d_h^R (576 at DeepSeek-V3's dims)."""
+    return kv_lora_rank + qk_rope_head_dim
 
 
 class _Cache:
@@ -35,8 +48,8 @@ class _Cache:
         self.length = 0
 
     def bytes(self) -> int:
-        """Bytes held by the filled positions of every sequence in the batch."""
-        return self.batch_size * self.length * self.bytes_per_token()
+        """Bytes the filled positions of every sequence hold, measured on the cache's tensors."""
+        return sum(t.nbytes for t in self.filled())
 
     def bytes_per_token(self) -> int:
         """Bytes one token of one sequence takes (elements_per_token() of the subclass * element size)."""
@@ -83,8 +96,12 @@ class KVCache(_Cache):
         self.v = torch.zeros(batch_size, n_kv_heads, max_len, v_dim, dtype=dtype, device=self.device)
 
     def elements_per_token(self) -> int:
-        """K and V numbers per token: 2·n_h·d_h for MHA, 2·n_g·d_h for GQA, 2·d_h for MQA."""
-        return self.n_kv_heads * (self.k_dim + self.v_dim)
+        """K and V numbers per token (:func:`kv_elements_per_token`)."""
+        return kv_elements_per_token(self.n_kv_heads, self.k_dim, self.v_dim)
+
+    def filled(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cached keys and values so far, (B, Hkv, length, dim) each."""
+        return self.k[:, :, :self.length], self.v[:, :, :self.length]
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append k (B, Hkv, T_new, k_dim) and v (B, Hkv, T_new, v_dim); return all cached
@@ -118,8 +135,12 @@ class LatentKVCache(_Cache):
         self.k_pe = torch.zeros(batch_size, max_len, qk_rope_head_dim, dtype=dtype, device=self.device)
 
     def elements_per_token(self) -> int:
-        """d_c + d_h^R numbers per token (576 at DeepSeek-V3's dims)."""
-        return self.kv_lora_rank + self.qk_rope_head_dim
+        """d_c + d_h^R numbers per token (:func:`latent_elements_per_token`)."""
+        return latent_elements_per_token(self.kv_lora_rank, self.qk_rope_head_dim)
+
+    def filled(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cached latents and RoPE keys so far, (B, length, dim) each."""
+        return self.c_kv[:, :self.length], self.k_pe[:, :self.length]
 
     def update(self, c_kv: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append c_kv (B, T_new, kv_lora_rank) and k_pe (B, T_new, qk_rope_head_dim); return all

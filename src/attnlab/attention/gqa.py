@@ -14,7 +14,7 @@ from torch import nn
 from attnlab import _checks
 from attnlab.attention.cache import KVCache
 from attnlab.attention.record import RecordsAttention
-from attnlab.attention.rope import RotaryEmbedding
+from attnlab.attention.rope import RotaryEmbedding, default_positions
 from attnlab.errors import ConfigError, InputTypeError
 
 
@@ -55,19 +55,22 @@ class GroupedQueryAttention(RecordsAttention, nn.Module):
                        dtype=dtype or weight.dtype, device=device or weight.device)
 
     def forward(self, x: torch.Tensor, *, cache: KVCache | None = None, positions: torch.Tensor | None = None,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+                attn_mask: torch.Tensor | None = None, rotary=None) -> torch.Tensor:
         """x (B, T, d_model) -> (B, T, d_model). With a cache, x holds only the new tokens and
-        attends to every cached one; positions default to cache.length + arange(T)."""
+        attends to every cached one; positions default to cache.length + arange(T). ``rotary``:
+        RoPE cos/sin tables for these positions, made once by the model for all its layers."""
         _checks.input_tensor(x, self.d_model)
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         if self.rope is not None:
-            if positions is None:
-                start = cache.length if cache is not None else 0
-                positions = torch.arange(start, start + T, device=x.device)
-            q, k = self.rope(q, positions), self.rope(k, positions)
+            if rotary is None:
+                length = None
+                if positions is None:
+                    positions, length = default_positions(cache.length if cache is not None else 0, T, x.device)
+                rotary = self.rope.cos_sin(positions, length)
+            q, k = self.rope.rotate(q, rotary), self.rope.rotate(k, rotary)
         if cache is not None:
             k, v = cache.update(k, v)  # (B, nkv, T_total, hs): past tokens, then these
         if attn_mask is not None and (not isinstance(attn_mask, torch.Tensor) or attn_mask.dtype != torch.bool):

@@ -79,16 +79,9 @@ def _fused(q, k, v, causal, mask, dropout_p, scale):
         mask = allowed if mask is None else mask & allowed
     folded = n_heads != n_kv_heads and q_len == 1 and (mask is None or mask.dim() < 3 or mask.size(-3) == 1)
     if folded:
-        # One decoding step with grouped K/V heads: a group's queries become the rows of one query
-        # block, so each K/V head is read once, not once per query head (and never copied per head).
-        q = q.reshape(batch, n_kv_heads, n_heads // n_kv_heads, q.size(-1))  # (B, Hkv, G, D)
-        is_causal = False  # a single query sees every key
+        q, is_causal = fold_grouped_queries(q, n_kv_heads), False  # a single query sees every key
     if q.size(-1) != v_dim and q_len > 1 and q.device.type == "cpu":
-        # PyTorch's fused CPU kernel needs one head size for Q/K and V (MLA has qk 192, v 128); otherwise
-        # SDPA falls back to its math path, which materialises the (Tq, Tk) scores. Zero columns change
-        # no score (the scale is explicit) and the first v_dim context columns are the real ones.
-        width = max(q.size(-1), v_dim)
-        q, k, v = (t if t.size(-1) == width else F.pad(t, (0, width - t.size(-1))) for t in (q, k, v))
+        q, k, v = pad_to_one_head_dim(q, k, v)
     context = F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
         enable_gqa=q.size(1) != k.size(1),
@@ -96,6 +89,25 @@ def _fused(q, k, v, causal, mask, dropout_p, scale):
     if context.size(-1) != v_dim:
         context = context[..., :v_dim]  # drop the padding columns
     return context.reshape(batch, n_heads, q_len, v_dim) if folded else context
+
+
+def fold_grouped_queries(q: torch.Tensor, n_kv_heads: int) -> torch.Tensor:
+    """CPU workaround 1, for a decoding step (one query per head) with grouped K/V heads: the
+    queries of a group become the rows of one query block, q (B, H, 1, D) -> (B, Hkv, H/Hkv, D).
+    Each K/V head is then read once, not once per query head (SDPA's grouped-query path on CPU
+    was ~100× slower at 4k context), and never copied per head. Reshape the context back to
+    (B, H, 1, Dv) afterwards."""
+    batch, n_heads, _, dim = q.shape
+    return q.reshape(batch, n_kv_heads, n_heads // n_kv_heads, dim)
+
+
+def pad_to_one_head_dim(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """CPU workaround 2, for Q/K and V heads of different widths (MLA: qk 192, v 128): PyTorch's
+    fused CPU kernel needs one head size, else SDPA falls back to its math path, which forms the
+    (Tq, Tk) scores. Zero columns change no score (pass the scale explicitly: it must not follow
+    the padded width) and the first v_dim context columns are the real ones."""
+    width = max(q.size(-1), v.size(-1))
+    return tuple(t if t.size(-1) == width else F.pad(t, (0, width - t.size(-1))) for t in (q, k, v))
 
 
 def _explicit(q, k, v, causal, mask, dropout_p, scale):

@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 from attnlab import _checks
-from attnlab.attention.cache import KVCache, LatentKVCache
+from attnlab.attention.cache import KVCache, LatentKVCache, kv_elements_per_token, latent_elements_per_token
 from attnlab.attention.record import RecordsAttention
-from attnlab.attention.rope import RotaryEmbedding
+from attnlab.attention.rope import RotaryEmbedding, default_positions
 from attnlab.errors import ConfigError, InputTypeError
 from attnlab.norm import RMSNorm
 
@@ -108,8 +108,8 @@ class MultiHeadLatentAttention(RecordsAttention, nn.Module):
     def kv_elements_per_token(self) -> int:
         """Numbers cached per token in this layer for the current mode (DeepSeek-V2, Table 1)."""
         if self.mode == "naive":
-            return self.n_heads * (self.qk_head_dim + self.v_head_dim)
-        return self.kv_lora_rank + self.qk_rope_head_dim
+            return kv_elements_per_token(self.n_heads, self.qk_head_dim, self.v_head_dim)
+        return latent_elements_per_token(self.kv_lora_rank, self.qk_rope_head_dim)
 
     def new_cache(self, batch_size: int, max_len: int, *, dtype=None, device=None):
         """An empty cache of the kind the current mode reads: per-head K/V (naive) or latent (absorbed)."""
@@ -125,9 +125,10 @@ class MultiHeadLatentAttention(RecordsAttention, nn.Module):
             batch_size, max_len, self.kv_lora_rank, self.qk_rope_head_dim, dtype=dtype, device=device
         )
 
-    def forward(self, x: torch.Tensor, *, cache=None, positions=None, attn_mask=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, cache=None, positions=None, attn_mask=None, rotary=None) -> torch.Tensor:
         """x (B, T, d_model) -> (B, T, d_model). With a cache, x holds only the new tokens;
-        positions (T,) or (B, T) default to cache.length + arange(T)."""
+        positions (T,) or (B, T) default to cache.length + arange(T). ``rotary``: RoPE cos/sin
+        tables for these positions, made once by the model for all its layers."""
         _checks.input_tensor(x, self.d_model)
         self._check_cache(cache)
         if attn_mask is not None and (not isinstance(attn_mask, torch.Tensor) or attn_mask.dtype != torch.bool):
@@ -137,17 +138,19 @@ class MultiHeadLatentAttention(RecordsAttention, nn.Module):
             )
         B, T, _ = x.shape
         H, dn, dr, r = self.n_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.kv_lora_rank
-        if positions is None:
-            start = cache.length if cache is not None else 0
-            positions = torch.arange(start, start + T, device=x.device)
+        if rotary is None:
+            length = None
+            if positions is None:
+                positions, length = default_positions(cache.length if cache is not None else 0, T, x.device)
+            rotary = self.rope.cos_sin(positions, length)
 
         q = self.wq(x) if self.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))
         q = q.view(B, T, H, self.qk_head_dim).transpose(1, 2)  # (B, H, T, dn + dr)
         q_nope, q_pe = q.split([dn, dr], dim=-1)
-        q_pe = self.rope(q_pe, positions)  # (B, H, T, dr)
+        q_pe = self.rope.rotate(q_pe, rotary)  # (B, H, T, dr)
         c_kv, k_pe = self.wkv_a(x).split([r, dr], dim=-1)  # (B, T, r), (B, T, dr)
         c_kv = self.kv_norm(c_kv)
-        k_pe = self.rope(k_pe.unsqueeze(1), positions)  # (B, 1, T, dr): one RoPE key for all heads
+        k_pe = self.rope.rotate(k_pe.unsqueeze(1), rotary)  # (B, 1, T, dr): one RoPE key for all heads
 
         kw = dict(
             causal=self.causal, mask=attn_mask, scale=self.softmax_scale,

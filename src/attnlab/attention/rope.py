@@ -37,55 +37,69 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
 
 
 class RotaryEmbedding(nn.Module):
-    """Rotary embedding for heads of size ``dim``; cos/sin tables are float32, cached and grown
-    on demand to the largest position seen."""
+    """Rotary embedding for heads of size ``dim``. The float32 cos/sin tables are computed once
+    (for ``max_positions``, or grown when a longer sequence comes) and sliced per call; a model
+    computes them once per forward and hands them to every layer (``rotary=`` of the attention
+    modules), as DeepSeek's reference code does with ``freqs_cis``."""
 
-    def __init__(self, dim: int, theta: float = 10000.0, interleaved: bool = False):
+    def __init__(self, dim: int, theta: float = 10000.0, interleaved: bool = False, max_positions: int = 0):
         super().__init__()
         _checks.positive_int("dim", dim)
         if dim % 2 != 0:
             raise ConfigError(f"RoPE dim={dim} is not allowed: rotary embedding needs an even dimension")
-        if isinstance(theta, bool) or not isinstance(theta, (int, float)) or theta <= 1.0:
-            raise ConfigError(f"rope_theta={theta!r} is not allowed: expected a number > 1")
+        _checks.real("rope_theta", theta, low=1, low_open=True)
         self.dim, self.theta, self.interleaved = dim, float(theta), bool(interleaved)
         # Plain tensors, not buffers: model.to(bfloat16) must not round the angles.
         self._cos = torch.empty(0, dim // 2)
         self._sin = torch.empty(0, dim // 2)
+        if max_positions:
+            self._build(_checks.positive_int("max_positions", max_positions), torch.device("cpu"))
 
-    def _grow(self, needed: int, device) -> None:
-        size = max(needed, 2 * self._cos.size(0), 256)
+    def _build(self, size: int, device) -> None:
         exponents = torch.arange(0, self.dim, 2, dtype=torch.int64, device=device).float() / self.dim
         inv_freq = 1.0 / (self.theta ** exponents)  # (dim/2,)
-        t = torch.arange(size, device=device, dtype=torch.float32)
-        angles = torch.outer(t, inv_freq)  # (size, dim/2)
+        angles = torch.outer(torch.arange(size, device=device, dtype=torch.float32), inv_freq)  # (size, dim/2)
         self._cos, self._sin = angles.cos(), angles.sin()
 
-    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """float32 cos/sin for integer positions (T,) or (B, T): (T, dim/2) or (B, T, dim/2)."""
+    def cos_sin(self, positions: torch.Tensor, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 cos/sin for integer positions (T,) → (T, dim/2) or (B, T) → (B, 1, T, dim/2), ready
+        to broadcast over heads. ``length`` (1 + the largest position, when the caller knows it) keeps
+        the call free of a device-to-host sync; without it the positions are read and checked."""
         if not isinstance(positions, torch.Tensor) or positions.is_floating_point() or positions.dim() not in (1, 2):
             shown = f"{positions.dtype} tensor of shape {tuple(positions.shape)}" if isinstance(positions, torch.Tensor) else type(positions).__name__
             raise InputTypeError(f"positions must be an integer tensor of shape (T,) or (B, T), got {shown}")
-        if positions.numel() and int(positions.min()) < 0:
-            raise ConfigError(f"positions must be >= 0, got min {int(positions.min())}")
-        needed = int(positions.max()) + 1 if positions.numel() else 0
-        if needed > self._cos.size(0) or self._cos.device != positions.device:
-            self._grow(needed, positions.device)
-        return self._cos[positions], self._sin[positions]
+        if length is None:
+            if positions.numel() and int(positions.min()) < 0:
+                raise ConfigError(f"positions must be >= 0, got min {int(positions.min())}")
+            length = int(positions.max()) + 1 if positions.numel() else 0
+        if length > self._cos.size(0):
+            self._build(max(length, 2 * self._cos.size(0), 256), positions.device)
+        if self._cos.device != positions.device:
+            self._cos, self._sin = self._cos.to(positions.device), self._sin.to(positions.device)
+        cos, sin = self._cos[positions], self._sin[positions]
+        return (cos.unsqueeze(1), sin.unsqueeze(1)) if positions.dim() == 2 else (cos, sin)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def rotate(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """x (B, H, T, dim) rotated by tables from :meth:`cos_sin`; same dtype as x."""
+        return apply_rope(x, *rotary, self.interleaved)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, length: int | None = None) -> torch.Tensor:
         """Rotate x (B, H, T, dim) at absolute positions (T,) or (B, T); same dtype as x."""
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.size(-1) != self.dim:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise InputTypeError(f"x must be a tensor of shape (B, H, T, dim={self.dim}), got {shape}")
-        cos, sin = self.cos_sin(positions)
+        rotary = self.cos_sin(positions, length)
         if positions.size(-1) != x.size(2) or (positions.dim() == 2 and positions.size(0) not in (1, x.size(0))):
             raise ConfigError(
                 f"positions of shape {tuple(positions.shape)} do not match x of shape {tuple(x.shape)}: "
                 f"expected (T={x.size(2)},) or (B={x.size(0)}, T={x.size(2)})"
             )
-        if positions.dim() == 2:
-            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, dim/2): same for every head
-        return apply_rope(x, cos, sin, self.interleaved)
+        return self.rotate(x, rotary)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, theta={self.theta:g}, interleaved={self.interleaved}"
+
+
+def default_positions(start: int, length: int, device) -> tuple[torch.Tensor, int]:
+    """(positions start..start+length-1, 1 + the last one): what a module attends at when not told."""
+    return torch.arange(start, start + length, device=device), start + length

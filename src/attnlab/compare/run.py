@@ -73,7 +73,7 @@ class CompareConfig:
     """One comparison: which models, the budget, the data, and the settings they all share."""
 
     models: tuple[str, ...] = option(MODELS, "the models to train, in this order")
-    budget: str = option("250ktok", f"per model: {BUDGET_HELP}")
+    budget: str = option("200ktok", f"per model: {BUDGET_HELP}")
     corpus: str = option("shakespeare", "'shakespeare', a .txt file or a folder of .txt files")
     tokenizer: str = option("char", "the corpus's characters or a byte-level BPE", choices=("char", "bpe"))
     vocab_size: int | None = option(None, "BPE vocabulary size (bpe only); None: 2048")
@@ -86,8 +86,9 @@ class CompareConfig:
     ffn_hidden: int = option(384, f"dense SwiGLU hidden = {MOE_SHARED} shared + {MOE_TOP_K} routed MoE experts of "
                                   f"ffn_hidden // {MOE_SHARED + MOE_TOP_K}")
     n_routed_experts: int = option(8, "routed experts of the MoE models")
-    batch_size: int = option(16, "sequences per step")
-    lr: float = option(2e-3, "peak learning rate of every neural model")
+    batch_size: int = option(8, "sequences per step (a small batch: more steps from the same tokens)")
+    lr: float = option(2e-3, "peak learning rate of the GPTs")
+    mlp_lr: float = option(1e-2, "peak learning rate of the MLP n-gram (a shallow net that wants a larger step)")
     warmup_steps: int = option(20, "steps of linear warmup (at most a fifth of the run)")
     dtype: str = option("auto", "auto: bf16 autocast where it measured faster than fp32 here, else float32",
                         choices=devices.PRECISIONS)
@@ -135,6 +136,7 @@ class CompareConfig:
         if not self.ngram_orders or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in self.ngram_orders):
             raise ConfigError(f"ngram_orders={list(self.ngram_orders)!r} is not allowed: expected positive integers")
         _checks.positive("lr", self.lr)
+        _checks.positive("mlp_lr", self.mlp_lr)
         _checks.non_negative("temperature", self.temperature)
         parse_budget(self.budget)
 
@@ -306,9 +308,9 @@ def _plan(cfg: CompareConfig, fields: dict[str, dict], precision, device) -> dic
     return plans
 
 
-def _train_config(cfg: CompareConfig, plan: dict, threads: int) -> dict:
+def _train_config(cfg: CompareConfig, name: str, plan: dict, threads: int) -> dict:
     return {"batch_size": cfg.batch_size, "block_size": cfg.block_size, "max_steps": plan["max_steps"],
-            "decay_steps": plan["decay_steps"], "max_time": plan["max_time"], "lr": cfg.lr,
+            "decay_steps": plan["decay_steps"], "max_time": plan["max_time"], "lr": cfg.mlp_lr if name == "mlp" else cfg.lr,
             "warmup_steps": min(cfg.warmup_steps, plan["decay_steps"] // 5), "dtype": cfg.dtype,
             "eval_interval": plan["eval_interval"], "eval_iters": 4, "log_interval": max(1, plan["eval_interval"] // 4),
             "ckpt_interval": plan["max_steps"], "seed": cfg.seed, "threads": threads, "device": "auto"}
@@ -392,7 +394,7 @@ def compare(out_dir, config: CompareConfig | dict | None = None, *, overwrite: b
                 result.update(_fit_ngram(cfg, train_ids, windows, tokenizer, run))
             else:
                 on_step = _step_reporter(name, emit, clock, remaining, plans[name])
-                summary = train(run, model=fields[name], config=_train_config(cfg, plans[name], threads),
+                summary = train(run, model=fields[name], config=_train_config(cfg, name, plans[name], threads),
                                 dataset=dataset, overwrite=True, progress=on_step, clock="train")
                 result.update(attention_kernel=summary["attention_kernel"])
                 result.update(_measure_neural(cfg, name, run, windows, tokenizer, prompts["prompt"]))

@@ -20,6 +20,7 @@ from attnlab.attention.cache import KVCache
 from attnlab.attention.gqa import GroupedQueryAttention
 from attnlab.attention.lecture import MultiHeadAttentionWrapper
 from attnlab.attention.mla import MultiHeadLatentAttention
+from attnlab.attention.rope import RotaryEmbedding, default_positions
 from attnlab.errors import ConfigError, InputTypeError
 from attnlab.ffn import MLP, SCORE_FUNCS, MoE, SwiGLU
 from attnlab.models.base import SaveLoadMixin, register_model
@@ -219,8 +220,11 @@ class Block(nn.Module):
         self.ffn = _ffn(cfg, layer)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, cache=None, positions=None, attn_mask=None):
-        x = x + self.drop(self.attn(self.norm1(x), cache=cache, positions=positions, attn_mask=attn_mask))
+    def forward(self, x, cache=None, positions=None, attn_mask=None, rotary=None):
+        attend = dict(cache=cache, positions=positions, attn_mask=attn_mask)
+        if rotary is not None:
+            attend["rotary"] = rotary
+        x = x + self.drop(self.attn(self.norm1(x), **attend))
         return x + self.drop(self.ffn(self.norm2(x)))
 
 
@@ -241,6 +245,10 @@ class GPT(SaveLoadMixin, nn.Module):
         self.config = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.wpe = nn.Embedding(cfg.block_size, cfg.d_model) if cfg.positions == "learned" else None
+        # One RoPE table for every layer (MLA always rotates its decoupled part), sliced per forward.
+        rope_dim = cfg.qk_rope_head_dim if cfg.attention == "mla" else cfg.head_dim
+        uses_rope = cfg.attention == "mla" or (cfg.positions == "rope" and cfg.attention != "wrapper")
+        self.rotary = RotaryEmbedding(rope_dim, cfg.rope_theta, cfg.rope_interleave, cfg.block_size) if uses_rope else None
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList([Block(cfg, i) for i in range(cfg.n_layer)])
         self.norm_f = _norm(cfg)
@@ -285,8 +293,11 @@ class GPT(SaveLoadMixin, nn.Module):
             raise ConfigError(f"caches has {len(caches)} entries: expected one per layer, n_layer={len(self.blocks)}")
         start = caches[0].length if caches is not None else 0
         if positions is None:
-            positions = torch.arange(start, start + T, device=idx.device)  # (T,)
-        end = int(positions.max()) + 1 if positions.numel() else 0
+            positions, end = default_positions(start, T, idx.device)  # (T,), known without reading the device
+        else:  # given positions are read once, here, and checked
+            if positions.numel() and int(positions.min()) < 0:
+                raise ConfigError(f"positions must be >= 0, got min {int(positions.min())}")
+            end = int(positions.max()) + 1 if positions.numel() else 0
         if end > self.config.block_size:
             raise ConfigError(
                 f"sequence reaches position {end - 1}, beyond block_size={self.config.block_size}: "
@@ -296,8 +307,9 @@ class GPT(SaveLoadMixin, nn.Module):
         if self.wpe is not None:
             x = x + self.wpe(positions)  # (T, C) or (B, T, C), broadcast over the batch
         x = self.drop(x)
+        rotary = None if self.rotary is None else self.rotary.cos_sin(positions, end)  # once for all layers
         for i, block in enumerate(self.blocks):
-            x = block(x, None if caches is None else caches[i], positions, attn_mask)
+            x = block(x, None if caches is None else caches[i], positions, attn_mask, rotary)
         logits = self.lm_head(self.norm_f(x))  # (B, T, vocab)
         loss = None
         if targets is not None:
