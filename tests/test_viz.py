@@ -124,7 +124,7 @@ def test_cli_viz_writes_every_file_and_never_overwrites(tiny_checkpoint, tmp_pat
 
 @pytest.mark.parametrize("argv, message", [
     (["--layer", "1"], "give both"),
-    (["--layer", "2", "--head", "0"], "layer=2 is not allowed: expected 0..1"),
+    (["--layer", "2", "--head", "0"], "layer=2 is not allowed: expected an integer in 0..1"),
     (["--text", ""], "is empty"),
     (["--text", "word " * 40], "text has 42 tokens, more than"),
 ])

@@ -56,6 +56,13 @@ def dropout_prob(value, name: str = "dropout") -> float:
     return real(name, value, low=0, high=1, high_open=True)
 
 
+def index(name: str, value, size: int) -> int:
+    """An integer position in 0..size-1 (a layer, a head, a token id)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < size:
+        raise ConfigError(f"{name}={value!r} is not allowed: expected an integer in 0..{size - 1}")
+    return value
+
+
 def divisible(name: str, value: int, by_name: str, by_value: int) -> None:
     if value % by_value != 0:
         raise ConfigError(

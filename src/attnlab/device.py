@@ -17,13 +17,13 @@ import functools
 import logging
 import os
 import platform
-import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 
 from attnlab.errors import ConfigError
+from attnlab.timing import best_seconds, time_call
 
 log = logging.getLogger("attnlab")
 
@@ -75,29 +75,13 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def _best_seconds(fn, repeats: int, device: torch.device, give_up_after: float = 0.5) -> float:
-    """Fastest of ``repeats`` timed calls after one warm-up (a ceiling: load only ever slows calls down)."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda *_: None)
-    fn()
-    sync(device)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        best = min(best, time.perf_counter() - start)
-        if best > give_up_after:  # clearly slow: more calls would only cost time
-            break
-    return best
-
-
 @functools.cache
 def _matmul_gflops(device: str, dtype: str, size: int, threads: int) -> float:
     dev = torch.device(device)
     generator = torch.Generator(device=dev).manual_seed(0)
     a = torch.randn(size, size, generator=generator, device=dev).to(TORCH_DTYPES[dtype])
     b = torch.randn(size, size, generator=generator, device=dev).to(TORCH_DTYPES[dtype])
-    return 2 * size**3 / _best_seconds(lambda: torch.mm(a, b), 5, dev) / 1e9
+    return 2 * size**3 / best_seconds(lambda: torch.mm(a, b), repeats=5, device=dev, give_up_after=0.5) / 1e9
 
 
 def matmul_gflops(dtype: str, device: torch.device | str = "cpu", size: int = _PROBE_SIZE) -> float:
@@ -235,7 +219,7 @@ def measure_attention_kernels(attention: torch.nn.Module, x_shape, precision: Pr
         times = {name: [] for name in steps}
         for _ in range(3):
             for name, step in steps.items():
-                times[name].append(_best_seconds(step, 1, device))
+                times[name].append(time_call(step, device))
     finally:
         attention.fused = was_fused
         attention.train(was_training)
@@ -249,10 +233,10 @@ def memory_bandwidth_gbs(device: torch.device | str = "cpu", megabytes: int = 25
     n = megabytes * 2**20 // 4
     src = torch.ones(n, device=device)
     dst = torch.empty_like(src)
-    copy_s = _best_seconds(lambda: dst.copy_(src), 3, device, give_up_after=10)
+    copy_s = best_seconds(lambda: dst.copy_(src), repeats=3, device=device)
     matrix = src.view(4096, n // 4096)
     vector = torch.ones(n // 4096, device=device)
-    matvec_s = _best_seconds(lambda: matrix @ vector, 3, device, give_up_after=10)
+    matvec_s = best_seconds(lambda: matrix @ vector, repeats=3, device=device)
     return {"copy": 2 * n * 4 / copy_s / 1e9, "matvec": n * 4 / matvec_s / 1e9}
 
 

@@ -167,11 +167,11 @@ class MoE(nn.Module):
                 f"n_activated_experts={n_activated_experts} is not allowed: the n_limited_groups={n_limited_groups} "
                 f"best groups of {n_routed_experts // n_expert_groups} experts hold only {reachable} experts"
             )
-        self.route_scale = _positive_float("route_scale", route_scale)
-        self.aux_loss_coef = _non_negative_float("aux_loss_coef", aux_loss_coef)
-        self.bias_update_speed = _non_negative_float("bias_update_speed", bias_update_speed)
+        self.route_scale = _checks.positive("route_scale", route_scale)
+        self.aux_loss_coef = _checks.non_negative("aux_loss_coef", aux_loss_coef)
+        self.bias_update_speed = _checks.non_negative("bias_update_speed", bias_update_speed)
         if capacity_factor is not None:
-            capacity_factor = _positive_float("capacity_factor", capacity_factor)
+            capacity_factor = _checks.positive("capacity_factor", capacity_factor)
         self.capacity_factor = capacity_factor
         self.score_func = score_func
         self.n_expert_groups, self.n_limited_groups = n_expert_groups, n_limited_groups
@@ -294,14 +294,3 @@ class MoE(nn.Module):
         self.gate.bias += self.bias_update_speed * torch.sign(load.mean() - load)
         load.zero_()
 
-
-def _positive_float(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or math.isinf(value):
-        raise ConfigError(f"{name}={value!r} is not allowed: expected a finite number > 0")
-    return float(value)
-
-
-def _non_negative_float(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or math.isinf(value):
-        raise ConfigError(f"{name}={value!r} is not allowed: expected a finite number >= 0")
-    return float(value)

@@ -15,7 +15,7 @@ from attnlab import _checks
 from attnlab.attention.cache import KVCache
 from attnlab.attention.record import RecordsAttention
 from attnlab.attention.rope import RotaryEmbedding, default_positions
-from attnlab.errors import ConfigError, InputTypeError
+from attnlab.errors import InputTypeError
 
 
 class GroupedQueryAttention(RecordsAttention, nn.Module):
@@ -38,8 +38,8 @@ class GroupedQueryAttention(RecordsAttention, nn.Module):
             head_dim = d_model // n_heads
         _checks.positive_int("head_dim", head_dim)
         self.dropout = _checks.dropout_prob(dropout)
-        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale <= 0):
-            raise ConfigError(f"scale={scale!r} is not allowed: expected a positive number or None")
+        if scale is not None:
+            _checks.positive("scale", scale)
         self.d_model, self.n_heads, self.n_kv_heads, self.head_dim = d_model, n_heads, n_kv_heads, head_dim
         self.causal, self.scale = bool(causal), scale
         self.q_proj = nn.Linear(d_model, n_heads * head_dim, bias=qkv_bias)

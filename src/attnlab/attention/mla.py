@@ -72,8 +72,7 @@ class MultiHeadLatentAttention(RecordsAttention, nn.Module):
                 f"qk_rope_head_dim={qk_rope_head_dim} is odd: RoPE rotates pairs of dimensions, "
                 f"so qk_rope_head_dim must be even (qk_nope_head_dim={qk_nope_head_dim} can be anything)"
             )
-        if isinstance(norm_eps, bool) or not isinstance(norm_eps, (int, float)) or norm_eps <= 0:
-            raise ConfigError(f"norm_eps={norm_eps!r} is not allowed: expected a positive number")
+        _checks.positive("norm_eps", norm_eps)
         self.dropout = _checks.dropout_prob(dropout)
         self.causal = bool(causal)
         self.rope_interleave = bool(rope_interleave)

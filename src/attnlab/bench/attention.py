@@ -10,7 +10,6 @@ round-robin in one process, so a burst of noise hits every row alike and the rat
 from __future__ import annotations
 
 import statistics
-import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -19,11 +18,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from attnlab.attention.mla import mla_dims
+from attnlab.attention.gqa import GroupedQueryAttention
+from attnlab.attention.lecture import MultiHeadAttention, MultiHeadAttentionWrapper
+from attnlab.attention.mla import MultiHeadLatentAttention, mla_dims
 from attnlab.bench.flops import gqa_flops, mla_flops
 from attnlab.bench.peak import has_amx
 from attnlab.bench.results import BenchReport, Table, fmt_ratio
-from attnlab.bench.timing import median_seconds
+from attnlab.timing import median_seconds, time_call
 
 FLOOR = "floor: 3 Linear + SDPA + out Linear"
 MHA_FUSED = "attnlab MHA (fused)"
@@ -67,8 +68,6 @@ class _LectureWrapperBlock(nn.Module):
 
     def __init__(self, d_model: int, n_heads: int, seq: int):
         super().__init__()
-        from attnlab.attention.lecture import MultiHeadAttentionWrapper
-
         self.heads = MultiHeadAttentionWrapper(d_model, d_model // n_heads, seq, 0.0, n_heads)
         self.out = nn.Linear(d_model, d_model, bias=False)
 
@@ -83,23 +82,17 @@ def _x_transformers(d_model: int, n_heads: int, seq: int) -> nn.Module:
 
 
 def _lecture_mha(d_model: int, n_heads: int, seq: int) -> nn.Module:
-    from attnlab.attention.lecture import MultiHeadAttention
-
     return MultiHeadAttention(d_model, d_model, seq, 0.0, n_heads)
 
 
 def _gqa(n_kv: int | None):
     def build(d_model: int, n_heads: int, seq: int) -> nn.Module:
-        from attnlab.attention.gqa import GroupedQueryAttention
-
         return GroupedQueryAttention(d_model, n_heads, n_kv_heads=n_heads if n_kv is None else n_kv)
     return build
 
 
 def _mla(mode: str):
     def build(d_model: int, n_heads: int, seq: int) -> nn.Module:
-        from attnlab.attention.mla import MultiHeadLatentAttention
-
         return MultiHeadLatentAttention(d_model, n_heads, mode=mode, **mla_dims(d_model // n_heads))
     return build
 
@@ -140,11 +133,6 @@ VARIANTS = (
 )
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _step(module: nn.Module, x: torch.Tensor, grad: torch.Tensor, backward: bool, autocast: bool):
     """One call of the block: a no-grad forward, or forward + backward into fresh parameter grads."""
     cast = torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast)
@@ -169,11 +157,7 @@ def time_case(modules: dict[str, nn.Module], x: torch.Tensor, *, backward: bool,
     times: dict[str, list[float]] = {name: [] for name in modules}
     for _ in range(repeats):
         for name, module in modules.items():
-            _sync(x.device)
-            start = time.perf_counter()
-            _step(module, x, grad, backward, autocast)
-            _sync(x.device)
-            times[name].append(time.perf_counter() - start)
+            times[name].append(time_call(lambda: _step(module, x, grad, backward, autocast), x.device))
     return {name: statistics.median(t) for name, t in times.items()}
 
 

@@ -10,13 +10,14 @@ caches themselves (``bytes_per_token()`` summed over layers).
 from __future__ import annotations
 
 import statistics
-import time
 
 import torch
 
 from attnlab.attention.cache import KVCache, LatentKVCache
 from attnlab.attention.mla import mla_dims
 from attnlab.bench.results import BenchReport, Table, fmt_ratio
+from attnlab.models.gpt import GPT, GPTConfig
+from attnlab.timing import time_call
 
 VARIANTS = ("MHA", "GQA (4 KV heads)", "MQA", "MLA naive", "MLA absorbed")
 # DeepSeek-V3: 128 heads of 128 dims (MHA baseline), latent 512 + RoPE key 64 (MLA, absorbed cache).
@@ -25,8 +26,6 @@ DEEPSEEK_V3 = dict(n_heads=128, head_dim=128, kv_lora_rank=512, qk_rope_head_dim
 
 def decode_config(variant: str, *, d_model: int, n_heads: int, n_layer: int, vocab_size: int, block_size: int):
     """The GPTConfig of one variant at the benchmark's model size (RoPE everywhere, as MLA needs it)."""
-    from attnlab.models.gpt import GPTConfig
-
     common = dict(vocab_size=vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_heads,
                   d_model=d_model, positions="rope")
     if variant.startswith("MLA"):
@@ -34,16 +33,6 @@ def decode_config(variant: str, *, d_model: int, n_heads: int, n_layer: int, voc
         return GPTConfig(attention="mla", mla_mode=mode, **mla_dims(d_model // n_heads), **common)
     kind = {"MHA": ("mha", None), "GQA (4 KV heads)": ("gqa", 4), "MQA": ("mqa", None)}[variant]
     return GPTConfig(attention=kind[0], n_kv_head=kind[1], **common)
-
-
-def _timed(fn, device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
 
 
 @torch.inference_mode()
@@ -55,8 +44,6 @@ def run_decode(*, contexts=(256, 1024, 4096), d_model: int = 768, n_heads: int =
     new_tokens cached steps and recompute_tokens full recomputes are timed (after one untimed
     step each); the medians give tokens/s.
     """
-    from attnlab.models.gpt import GPT
-
     device = torch.device(device)
     block_size = max(contexts) + new_tokens + recompute_tokens + 2
     models = {}
@@ -85,13 +72,13 @@ def run_decode(*, contexts=(256, 1024, 4096), d_model: int = 768, n_heads: int =
                     logits, _ = model(token, caches=caches)
                     state[variant] = (caches, logits[:, -1:].argmax(-1))
 
-                seconds = _timed(one_step, device)
+                seconds = time_call(one_step, device)
                 if step:  # the first step is the warm-up
                     cached[variant].append(seconds)
         for step in range(recompute_tokens + 1):
             for variant, model in models.items():
                 seq = torch.cat([prompt, prompt[:, :step]], dim=1)
-                seconds = _timed(lambda: model(seq)[0][:, -1].argmax(-1), device)
+                seconds = time_call(lambda: model(seq)[0][:, -1].argmax(-1), device)
                 if step:
                     recomputed[variant].append(seconds)
         for variant in variants:

@@ -69,16 +69,27 @@ def mla_flops(batch: int, seq: int, d_model: int, n_heads: int, *, q_lora_rank: 
         batch, n_heads, seq, past + seq, kv_lora_rank + qk_rope_head_dim, kv_lora_rank, causal)
 
 
+def swiglu_flops_per_token(d_model: int, hidden: int) -> int:
+    """Forward FLOPs of one token through a SwiGLU FFN: three (d_model × hidden) matmuls."""
+    return 3 * linear_flops(1, d_model, hidden)
+
+
+def moe_flops_per_token(d_model: int, n_routed_experts: int, n_activated_experts: int, n_shared_experts: int,
+                        expert_hidden: int) -> int:
+    """Forward FLOPs of one token through an MoE layer: the router plus the top-k routed and the
+    shared SwiGLU experts (the experts a token is not routed to cost it nothing)."""
+    return (linear_flops(1, d_model, n_routed_experts)
+            + (n_activated_experts + n_shared_experts) * swiglu_flops_per_token(d_model, expert_hidden))
+
+
 def ffn_flops_per_token(cfg, moe_layer: bool) -> int:
-    """Forward FLOPs of one layer's FFN for one token of a GPTConfig (an MoE layer: only the experts
-    a token is routed to, plus the shared experts and the router)."""
-    d = cfg.d_model
+    """Forward FLOPs of one layer's FFN for one token of a GPTConfig."""
     if moe_layer:
-        hidden = cfg.expert_hidden
-        experts = cfg.n_activated_experts + cfg.n_shared_experts
-        return linear_flops(1, d, cfg.n_routed_experts) + experts * 3 * linear_flops(1, d, hidden)
-    matrices = 3 if cfg.activation == "swiglu" else 2
-    return matrices * linear_flops(1, d, cfg.ffn_hidden)
+        return moe_flops_per_token(cfg.d_model, cfg.n_routed_experts, cfg.n_activated_experts, cfg.n_shared_experts,
+                                   cfg.expert_hidden)
+    if cfg.activation == "swiglu":
+        return swiglu_flops_per_token(cfg.d_model, cfg.ffn_hidden)
+    return 2 * linear_flops(1, cfg.d_model, cfg.ffn_hidden)
 
 
 def gpt_forward_flops(cfg, batch: int, seq: int, *, causal: bool = True) -> int:

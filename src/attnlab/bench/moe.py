@@ -10,6 +10,7 @@ import torch
 
 from attnlab import _checks
 from attnlab.bench.attention import time_case
+from attnlab.bench.flops import moe_flops_per_token, swiglu_flops_per_token
 from attnlab.bench.results import BenchReport, Table, fmt_ratio
 from attnlab.ffn import MoE, SwiGLU
 
@@ -20,12 +21,6 @@ PASSES = ("forward", "forward+backward")
 DTYPES = ("fp32", "bf16")
 TARGET_VS_REFERENCE = 3.0  # fast must be at least this many times faster than the reference loop
 TARGET_VS_DENSE = 1.5  # and take at most this many times the dense FFN's time
-
-
-def moe_flops_per_token(d_model: int, n_routed_experts: int, n_activated_experts: int, n_shared_experts: int,
-                        expert_hidden: int) -> int:
-    """Forward FLOPs of one token: the router plus (top-k + shared) SwiGLU experts of 3 matmuls each."""
-    return 2 * d_model * n_routed_experts + (n_activated_experts + n_shared_experts) * 3 * 2 * d_model * expert_hidden
 
 
 def run_moe(*, d_model: int = 512, n_routed_experts: int = 64, n_activated_experts: int = 6,
@@ -62,7 +57,7 @@ def run_moe(*, d_model: int = 512, n_routed_experts: int = 64, n_activated_exper
     moe.dispatch = "fast"
     flops = {FAST: moe_flops_per_token(d_model, n_routed_experts, n_activated_experts, n_shared_experts,
                                        expert_hidden) * tokens,
-             DENSE: 3 * 2 * d_model * dense.w1.out_features * tokens}
+             DENSE: swiglu_flops_per_token(d_model, dense.w1.out_features) * tokens}
     flops[REFERENCE] = flops[FAST]
     rows = []
     for pass_ in passes:

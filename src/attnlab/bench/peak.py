@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from attnlab import device as devices
-from attnlab.bench.timing import median_seconds
+from attnlab.timing import median_seconds
 from attnlab.bench.results import BenchReport, Table
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

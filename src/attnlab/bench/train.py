@@ -9,7 +9,6 @@ loss), backward, gradient clipping, fused AdamW, zeroing the grads. Data are ran
 from __future__ import annotations
 
 import statistics
-import time
 
 import torch
 
@@ -19,6 +18,7 @@ from attnlab.bench.flops import gpt_train_flops_per_token
 from attnlab.bench.results import BenchReport, Table
 from attnlab.data.batches import WindowBatches
 from attnlab.models.gpt import GPT, GPTConfig
+from attnlab.timing import time_call
 from attnlab.trainer import Trainer, TrainConfig
 
 # name -> (GPTConfig fields, batch size). Char-level vocab (Tiny Shakespeare has 65 symbols).
@@ -58,12 +58,7 @@ def _trainer(cfg: GPTConfig, batch_size: int, *, dtype: str, compiled: bool, dev
 
 def _timed_step(trainer: Trainer) -> float:
     """Wall time of one optimizer step, as ``attnlab train`` takes it."""
-    sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda *_: None)
-    sync(trainer.device)
-    start = time.perf_counter()
-    trainer.train_step()
-    sync(trainer.device)
-    return time.perf_counter() - start
+    return time_call(trainer.train_step, trainer.device)
 
 
 def run_train(*, peak: dict[str, float], presets=tuple(PRESETS), dtypes=DTYPES, compile_presets=(),

@@ -46,6 +46,7 @@ from attnlab.models.mlp import MLPConfig, MLPLM
 from attnlab.models.ngram import NGramLM
 from attnlab.optim import make_optimizer
 from attnlab.options import check_choices, option
+from attnlab.timing import median_seconds, time_call
 from attnlab.train import train
 from attnlab.trainer import METRICS
 from attnlab.viz.heatmap import plot_grid
@@ -133,8 +134,10 @@ class CompareConfig:
         if self.n_routed_experts < MOE_TOP_K:
             raise ConfigError(f"n_routed_experts={self.n_routed_experts} is not allowed: top-{MOE_TOP_K} routing "
                               f"needs at least {MOE_TOP_K}")
-        if not self.ngram_orders or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in self.ngram_orders):
-            raise ConfigError(f"ngram_orders={list(self.ngram_orders)!r} is not allowed: expected positive integers")
+        if not self.ngram_orders:
+            raise ConfigError("ngram_orders=() is not allowed: expected at least one order")
+        for n in self.ngram_orders:
+            _checks.positive_int("ngram_orders", n)
         _checks.positive("lr", self.lr)
         _checks.positive("mlp_lr", self.mlp_lr)
         _checks.non_negative("temperature", self.temperature)
@@ -267,18 +270,14 @@ def _step_seconds(fields: dict, cfg: CompareConfig, precision: devices.Precision
     opt = make_optimizer(model, lr=cfg.lr)
     x = torch.randint(fields["vocab_size"], (cfg.batch_size, cfg.block_size), generator=torch.Generator().manual_seed(0))
     x = x.to(device)
-    times = []
-    for _ in range(2):
-        start = time.perf_counter()
+    def step():
         with precision.autocast():
             _, loss = model(x, x)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return times[-1]
+
+    return median_seconds(step, warmup=1, repeats=1, device=device)
 
 
 def _plan(cfg: CompareConfig, fields: dict[str, dict], precision, device) -> dict:
@@ -333,6 +332,44 @@ def _clear(out: Path) -> None:
         (out / name).unlink(missing_ok=True)
 
 
+@dataclass
+class _Setup:
+    """What every model of a comparison shares, decided and checked before anything is written."""
+
+    threads: int
+    threads_reason: str
+    precision: devices.Precision
+    text_chars: int
+    tokenizer: object
+    prompts: dict
+    train_ids: np.ndarray
+    val_ids: np.ndarray
+    windows: torch.Tensor
+    fields: dict
+    plans: dict
+
+
+def _prepare(cfg: CompareConfig) -> _Setup:
+    threads, threads_reason = devices.choose_threads(cfg.threads)
+    torch.set_num_threads(threads)
+    device = devices.resolve_device("auto")
+    precision = devices.choose_precision(cfg.dtype, device)
+    text = load_corpus(cfg.corpus)
+    tokenizer = train_tokenizer(cfg.tokenizer, text, cfg.vocab_size)
+    prompts = {"prompt": tokenizer.encode(cfg.prompt), "attention_prompt": tokenizer.encode(cfg.attention_prompt)}
+    for name, ids in prompts.items():
+        if not ids:
+            raise ConfigError(f"{name}={getattr(cfg, name)!r} is empty: expected some text to start from")
+    train_ids, val_ids = split_tokens(encode(tokenizer, text))
+    if len(train_ids) <= cfg.block_size:
+        raise ConfigError(f"the train split has {len(train_ids)} tokens, too few for windows of block_size={cfg.block_size}: "
+                          "use a smaller block_size or a larger corpus")
+    windows = spread_windows(val_ids, cfg.eval_windows, cfg.block_size + 1)
+    fields = {name: model_fields(cfg, name, tokenizer.vocab_size) for name in cfg.models if name != "ngram"}
+    return _Setup(threads, threads_reason, precision, len(text), tokenizer, prompts, train_ids, val_ids, windows, fields,
+                  _plan(cfg, fields, precision, device))
+
+
 def compare(out_dir, config: CompareConfig | dict | None = None, *, overwrite: bool = False,
             command: str | None = None, progress: Callable[[dict], None] | None = None) -> dict:
     """Train and score every model of ``config`` into ``out_dir``, then write report.md/.html.
@@ -348,83 +385,73 @@ def compare(out_dir, config: CompareConfig | dict | None = None, *, overwrite: b
     _check_out(out, overwrite)
     emit = progress or (lambda event: None)
     started = time.monotonic()
-    threads, threads_reason = devices.choose_threads(cfg.threads)
-    torch.set_num_threads(threads)
-    device = devices.resolve_device("auto")
-    precision = devices.choose_precision(cfg.dtype, device)
     emit({"event": "prepare", "eta_s": None})
-    text = load_corpus(cfg.corpus)
-    tokenizer = train_tokenizer(cfg.tokenizer, text, cfg.vocab_size)
-    prompts = {"prompt": tokenizer.encode(cfg.prompt), "attention_prompt": tokenizer.encode(cfg.attention_prompt)}
-    for name, ids in prompts.items():
-        if not ids:
-            raise ConfigError(f"{name}={getattr(cfg, name)!r} is empty: expected some text to start from")
-    train_ids, val_ids = split_tokens(encode(tokenizer, text))
-    if len(train_ids) <= cfg.block_size:
-        raise ConfigError(f"the train split has {len(train_ids)} tokens, too few for windows of block_size={cfg.block_size}: "
-                          "use a smaller block_size or a larger corpus")
-    windows = spread_windows(val_ids, cfg.eval_windows, cfg.block_size + 1)
-    fields = {name: model_fields(cfg, name, tokenizer.vocab_size) for name in cfg.models if name != "ngram"}
-    plans = _plan(cfg, fields, precision, device)
-    clock = _Clock({m: p["seconds"] for m, p in plans.items()})
+    setup = _prepare(cfg)
+    clock = _Clock({m: p["seconds"] for m, p in setup.plans.items()})
 
     out.mkdir(parents=True, exist_ok=True)  # every check has passed: now write
     _clear(out)
-    dataset = write_dataset(out / DATA, train_ids, val_ids, tokenizer)
+    dataset = write_dataset(out / DATA, setup.train_ids, setup.val_ids, setup.tokenizer)
     write_json(out / RUN_INFO, {
         "command": command, "config": dataclasses.asdict(cfg), "budget": dict(zip(("kind", "amount"), parse_budget(cfg.budget))),
-        "machine": devices.machine_facts(precision), "threads_reason": threads_reason, "precision": precision.dtype,
-        "corpus_chars": len(text), "vocab_size": tokenizer.vocab_size, "train_tokens": int(len(train_ids)),
-        "val_tokens": int(len(val_ids)), "eval_windows": int(windows.shape[0]),
-        "eval_window_tokens": int(windows.shape[1] - 1), "plans": plans, "python": sys.version.split()[0],
+        "machine": devices.machine_facts(setup.precision), "threads_reason": setup.threads_reason,
+        "precision": setup.precision.dtype, "corpus_chars": setup.text_chars, "vocab_size": setup.tokenizer.vocab_size,
+        "train_tokens": int(len(setup.train_ids)), "val_tokens": int(len(setup.val_ids)),
+        "eval_windows": int(setup.windows.shape[0]), "eval_window_tokens": int(setup.windows.shape[1] - 1),
+        "plans": setup.plans, "python": sys.version.split()[0],
     })
     emit({"event": "plan", "models": list(cfg.models), "eta_s": clock.eta(list(cfg.models), 0.0)})
-
     results, interrupted = {}, False
     for index, name in enumerate(cfg.models):
         remaining = list(cfg.models[index + 1:])
-        run = out / name
-        run.mkdir()
         emit({"event": "model", "model": name, "index": index, "total": len(cfg.models),
               "eta_s": clock.eta(remaining, clock.planned.get(name, 0.0))})
-        begin = time.monotonic()
-        result = {"model": name, "label": LABELS[name], "architecture": architecture(cfg, name), "status": "ok"}
-        try:
-            if name == "ngram":
-                result.update(_fit_ngram(cfg, train_ids, windows, tokenizer, run))
-            else:
-                on_step = _step_reporter(name, emit, clock, remaining, plans[name])
-                summary = train(run, model=fields[name], config=_train_config(cfg, name, plans[name], threads),
-                                dataset=dataset, overwrite=True, progress=on_step, clock="train")
-                result.update(attention_kernel=summary["attention_kernel"])
-                result.update(_measure_neural(cfg, name, run, windows, tokenizer, prompts["prompt"]))
-        except Diverged as err:
-            result.update(status="diverged", note=str(err))
-        except KeyboardInterrupt:
-            result.update(status="interrupted", note="stopped by Ctrl-C before it finished")
-            interrupted = True
-        if result["status"] == "ok" and result.get("val_loss") is None:
-            result.update(status="diverged", note="non-finite val loss on the eval windows")
-        result["wall_s"] = time.monotonic() - begin
-        if name != "ngram" and result["status"] == "ok":
-            clock.overheads.append(max(0.0, result["wall_s"] - plans[name]["seconds"]))
-        write_json(run / RESULT, result)
-        results[name] = result
+        results[name] = result = _run_model(cfg, name, setup, dataset, out / name, emit, clock, remaining)
         emit({"event": "done", "model": name, "status": result["status"], "val_loss": result.get("val_loss"),
               "eta_s": clock.eta(remaining, 0.0)})
-        if interrupted:
+        if result["status"] == "interrupted":
+            interrupted = True
             break
 
     emit({"event": "report", "eta_s": 5.0})
     best = _best_attention_model(results)
     if best is not None:
-        _record_heatmap(out, best, prompts["attention_prompt"], tokenizer)
+        _record_heatmap(out, best, setup.prompts["attention_prompt"], setup.tokenizer)
     wall = time.monotonic() - started
     info = json.loads((out / RUN_INFO).read_text())
     info.update(wall_s=wall, interrupted=interrupted, attention_model=best)
     write_json(out / RUN_INFO, info)
     report = write_report(out)
     return {"out_dir": str(out), "report": str(report), "results": results, "interrupted": interrupted, "wall_s": wall}
+
+
+def _run_model(cfg: CompareConfig, name: str, setup: _Setup, dataset, run: Path, emit, clock: _Clock,
+               remaining: list[str]) -> dict:
+    """Fit or train one model into ``run``, score and measure it; its result.json (also on failure)."""
+    run.mkdir()
+    begin = time.monotonic()
+    result = {"model": name, "label": LABELS[name], "architecture": architecture(cfg, name), "status": "ok"}
+    try:
+        if name == "ngram":
+            result.update(_fit_ngram(cfg, setup.train_ids, setup.windows, setup.tokenizer, run))
+        else:
+            plan = setup.plans[name]
+            summary = train(run, model=setup.fields[name], config=_train_config(cfg, name, plan, setup.threads),
+                            dataset=dataset, overwrite=True, progress=_step_reporter(name, emit, clock, remaining, plan),
+                            clock="train")
+            result.update(attention_kernel=summary["attention_kernel"])
+            result.update(_measure_neural(cfg, name, run, setup.windows, setup.tokenizer, setup.prompts["prompt"]))
+    except Diverged as err:
+        result.update(status="diverged", note=str(err))
+    except KeyboardInterrupt:
+        result.update(status="interrupted", note="stopped by Ctrl-C before it finished")
+    if result["status"] == "ok" and result.get("val_loss") is None:
+        result.update(status="diverged", note="non-finite val loss on the eval windows")
+    result["wall_s"] = time.monotonic() - begin
+    if name != "ngram" and result["status"] == "ok":
+        clock.overheads.append(max(0.0, result["wall_s"] - setup.plans[name]["seconds"]))
+    write_json(run / RESULT, result)
+    return result
 
 
 def _step_reporter(name, emit, clock: _Clock, remaining: list[str], plan: dict):
@@ -463,9 +490,10 @@ def _fit_ngram(cfg: CompareConfig, train_ids, windows: torch.Tensor, tokenizer, 
             best = model
     best.save_pretrained(run, tokenizer)
     prompt = tokenizer.encode(cfg.prompt)
-    begin = time.perf_counter()
-    sample = best.generate(prompt, cfg.sample_tokens, seed=cfg.seed, temperature=cfg.temperature)
-    decode_s = time.perf_counter() - begin
+    samples = []
+    decode_s = time_call(lambda: samples.append(best.generate(prompt, cfg.sample_tokens, seed=cfg.seed,
+                                                                temperature=cfg.temperature)))
+    sample = samples[0]
     entries = sum(int(k.numel()) for name, k in best.state_tensors().items() if name.endswith(".keys"))
     return {"n": best.n, "orders_tried": tried, "params_total": entries, "params_active": entries,
             "params_note": "stored n-gram counts", "train_s": tried[best.n]["fit_s"], "tokens": int(len(ids)),
@@ -493,12 +521,8 @@ def _measure_neural(cfg: CompareConfig, name: str, run: Path, windows: torch.Ten
                       kv_bytes_full_context=sum(c.bytes() for c in caches), kv_dtype=str(caches[0].dtype).split(".")[-1])
     idx = torch.tensor([prompt[-1:]], dtype=torch.int64, device=device)
     n_decode = cfg.block_size - 1
-    begin = time.perf_counter()
-    for _ in stream_tokens(model, idx, n_decode, temperature=0, use_cache=name != "mlp"):
-        pass
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    result["decode_tokens_per_s"] = n_decode / (time.perf_counter() - begin)
+    seconds = time_call(lambda: list(stream_tokens(model, idx, n_decode, temperature=0, use_cache=name != "mlp")), device)
+    result["decode_tokens_per_s"] = n_decode / seconds
     sample = stream_tokens(model, torch.tensor([prompt], dtype=torch.int64, device=device), cfg.sample_tokens,
                            temperature=cfg.temperature, seed=cfg.seed, use_cache=name != "mlp")
     result["sample"] = tokenizer.decode(prompt + [int(t[0]) for t in sample])

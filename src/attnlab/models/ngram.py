@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from attnlab import _checks
 from attnlab._checks import positive_int
 from attnlab.errors import ConfigError, InputTypeError
 from attnlab.models.base import SaveLoadMixin, register_model
@@ -46,8 +47,7 @@ class NGramLM(SaveLoadMixin):
     def __init__(self, vocab_size: int, n: int = 3, discount: float = 0.75):
         positive_int("vocab_size", vocab_size)
         positive_int("n", n)
-        if isinstance(discount, bool) or not isinstance(discount, (int, float)) or not 0.0 < discount < 1.0:
-            raise ConfigError(f"discount={discount!r} is not allowed: expected a number in (0, 1)")
+        _checks.real("discount", discount, low=0, high=1, low_open=True, high_open=True)
         if vocab_size ** n >= 2**63:
             raise ConfigError(
                 f"n={n} with vocab_size={vocab_size} is not allowed: vocab_size**n must stay below 2**63 "
@@ -163,8 +163,7 @@ class NGramLM(SaveLoadMixin):
     def generate(self, prompt_ids, max_new_tokens: int, seed: int | None = None, temperature: float = 1.0) -> list[int]:
         """prompt_ids followed by ``max_new_tokens`` sampled ids; temperature 0 picks the most likely token."""
         out = self._check_ids(prompt_ids, "prompt_ids").tolist()
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature < 0:
-            raise ConfigError(f"temperature={temperature!r} is not allowed: expected a number >= 0")
+        _checks.non_negative("temperature", temperature)
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         for _ in range(max_new_tokens):
             probs = self.next_token_probs(out[max(len(out) - (self.n - 1), 0):])

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from attnlab import _checks
 from attnlab.errors import ConfigError, InputTypeError
 
 
@@ -110,10 +111,8 @@ def plot_head(tokens, weights, layer: int, head: int, *, title: str | None = Non
     """One head, large: token labels on both axes, the weights written in the cells when they fit."""
     stack = attention_stack(tokens, weights)
     n_layers, n_heads, seq, _ = stack.shape
-    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n_layers:
-        raise ConfigError(f"layer={layer!r} is not allowed: expected 0..{n_layers - 1}")
-    if isinstance(head, bool) or not isinstance(head, int) or not 0 <= head < n_heads:
-        raise ConfigError(f"head={head!r} is not allowed: expected 0..{n_heads - 1}")
+    _checks.index("layer", layer, n_layers)
+    _checks.index("head", head, n_heads)
     w = stack[layer, head]
     side = max(4.0, 0.42 * seq + 2.0)
     Figure = _figure_class()

@@ -13,6 +13,7 @@ import re
 from importlib import resources
 from pathlib import Path
 
+from attnlab import _checks
 from attnlab.errors import ConfigError
 from attnlab.viz.heatmap import attention_stack
 
@@ -42,12 +43,10 @@ class AttentionView:
         n_layers, n_heads, seq, _ = stack.shape
         if view not in _VIEWS:
             raise ConfigError(f"view={view!r} is not allowed: expected one of {', '.join(map(repr, _VIEWS))}")
-        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n_layers:
-            raise ConfigError(f"layer={layer!r} is not allowed: expected 0..{n_layers - 1}")
+        _checks.index("layer", layer, n_layers)
         heads = list(range(n_heads)) if heads is None else list(heads)
-        bad = [h for h in heads if isinstance(h, bool) or not isinstance(h, int) or not 0 <= h < n_heads]
-        if bad:
-            raise ConfigError(f"heads={heads!r} is not allowed: expected head indices in 0..{n_heads - 1}")
+        for head in heads:
+            _checks.index("heads", head, n_heads)
         self.tokens = list(tokens)
         self.weights = stack  # (layers, heads, T, T)
         self.title = title
