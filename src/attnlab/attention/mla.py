@@ -60,19 +60,17 @@ class MultiHeadLatentAttention(RecordsAttention, nn.Module):
         norm_eps: float = 1e-6,
     ):
         super().__init__()
-        self.d_model = _checks.positive_int("d_model", d_model)
-        self.n_heads = _checks.positive_int("n_heads", n_heads)
-        self.q_lora_rank = _checks.non_negative_int("q_lora_rank", q_lora_rank)
-        self.kv_lora_rank = _checks.positive_int("kv_lora_rank", kv_lora_rank)
-        self.qk_nope_head_dim = _checks.positive_int("qk_nope_head_dim", qk_nope_head_dim)
-        self.qk_rope_head_dim = _checks.positive_int("qk_rope_head_dim", qk_rope_head_dim)
-        self.v_head_dim = _checks.positive_int("v_head_dim", v_head_dim)
+        for name, value in (("d_model", d_model), ("n_heads", n_heads), ("kv_lora_rank", kv_lora_rank),
+                            ("qk_nope_head_dim", qk_nope_head_dim), ("qk_rope_head_dim", qk_rope_head_dim),
+                            ("v_head_dim", v_head_dim)):
+            _checks.positive_int(name, value)
+        _checks.non_negative_int("q_lora_rank", q_lora_rank)
         if qk_rope_head_dim % 2:
-            raise ConfigError(
-                f"qk_rope_head_dim={qk_rope_head_dim} is odd: RoPE rotates pairs of dimensions, "
-                f"so qk_rope_head_dim must be even (qk_nope_head_dim={qk_nope_head_dim} can be anything)"
-            )
+            raise ConfigError(f"qk_rope_head_dim={qk_rope_head_dim} is odd: RoPE rotates pairs of dimensions "
+                              f"(qk_nope_head_dim={qk_nope_head_dim} can be anything)")
         _checks.positive("norm_eps", norm_eps)
+        self.d_model, self.n_heads, self.q_lora_rank, self.kv_lora_rank = d_model, n_heads, q_lora_rank, kv_lora_rank
+        self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim = qk_nope_head_dim, qk_rope_head_dim, v_head_dim
         self.dropout = _checks.dropout_prob(dropout)
         self.causal = bool(causal)
         self.rope_interleave = bool(rope_interleave)

@@ -1,10 +1,10 @@
-"""Language models, each saved/loaded as a folder (config.json + model.safetensors [+ tokenizer.json]).
+"""Language models and encoders, each saved/loaded as a folder (config.json + model.safetensors
+[+ tokenizer.json]). Importing the package registers every model type, so
+``load_pretrained(folder)`` can rebuild any of them from its config's "model_type"."""
 
-``load_pretrained(folder)`` imports ``attnlab.models.<model_type>`` on demand, so a model file
-only has to call ``register_model(model_type, cls)`` with model_type equal to its module name.
-"""
-
-from attnlab.models.base import SaveLoadMixin, load_pretrained, load_tokenizer_from, register_model
+from attnlab.models.base import SaveLoadMixin, count_params, load_pretrained, load_tokenizer_from, model_class, register_model
+from attnlab.models.encoder import Encoder, EncoderConfig
+from attnlab.models.gpt import GPT, GPTConfig
 from attnlab.models.mlp import MLPLM, MLPConfig
 from attnlab.models.ngram import NGramConfig, NGramLM
 
@@ -12,7 +12,13 @@ __all__ = [
     "SaveLoadMixin",
     "load_pretrained",
     "load_tokenizer_from",
+    "model_class",
     "register_model",
+    "count_params",
+    "GPT",
+    "GPTConfig",
+    "Encoder",
+    "EncoderConfig",
     "NGramLM",
     "NGramConfig",
     "MLPLM",

@@ -5,7 +5,6 @@ from its folder alone; :func:`load_pretrained` picks the class from "model_type"
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import os
 from pathlib import Path
@@ -50,13 +49,8 @@ def read_config(folder: str | os.PathLike) -> dict:
 
 
 def model_class(model_type: str) -> type:
-    """The model class registered for ``model_type``; one not registered yet is looked up in the
-    module ``attnlab.models.<model_type>``, which registers itself on import."""
-    if model_type not in _REGISTRY and isinstance(model_type, str) and model_type.isidentifier():
-        try:
-            importlib.import_module(f"attnlab.models.{model_type}")
-        except ModuleNotFoundError:
-            pass
+    """The model class registered for ``model_type`` (every module of :mod:`attnlab.models` registers
+    its models when the package is imported, which importing this module already did)."""
     if model_type not in _REGISTRY:
         known = ", ".join(sorted(_REGISTRY)) or "none"
         raise ConfigError(f"model_type={model_type!r} is not allowed: expected one of {known}")
