@@ -17,7 +17,7 @@ from attnlab.cli import main
 from attnlab.errors import ConfigError
 from attnlab.models.gpt import GPT
 from attnlab.data.batches import WindowBatches, sample_windows
-from attnlab.optim import WarmupCosine
+from attnlab.optim import WarmupCosine, make_optimizer, muon_parameters
 from attnlab.train import train
 from attnlab.device import choose_precision
 from attnlab.trainer import CHECKPOINT, Trainer, TrainConfig, read_metrics
@@ -93,15 +93,16 @@ def test_resume_continues_exactly_in_process(corpus, tmp_path):
     assert losses(tmp_path / "split") == losses(tmp_path / "full")
 
 
-def test_sigkill_at_any_moment_then_resume_gives_the_same_losses(corpus, tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_sigkill_at_any_moment_then_resume_gives_the_same_losses(corpus, tmp_path, optimizer):
     steps = 30
-    train(tmp_path / "full", model=MODEL, config=config(corpus, max_steps=steps, decay_steps=steps))
+    train(tmp_path / "full", model=MODEL, config=config(corpus, max_steps=steps, decay_steps=steps, optimizer=optimizer))
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "attnlab", "train", "--out", str(out), "--quiet", "--corpus", str(corpus),
            "--n-layer", "1", "--n-head", "2", "--d-model", "32", "--block-size", "16", "--batch-size", "4",
            "--max-steps", str(steps), "--eval-interval", "6", "--eval-iters", "2", "--log-interval", "1",
            "--warmup-steps", "2", "--decay-steps", str(steps), "--threads", "1", "--ckpt-interval", "3",
-           "--dtype", "float32"]
+           "--dtype", "float32", "--optimizer", optimizer]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     kill_after = random.Random().randint(4, 24)  # a different moment every run
     deadline = time.monotonic() + 120
@@ -200,3 +201,26 @@ def test_bad_training_settings_name_the_argument(corpus, tmp_path):
     with pytest.raises(ConfigError, match="unknown TrainConfig fields \\['learning_rate'\\]"):
         train(tmp_path / "c", config={"learning_rate": 1.0})
     assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
+
+
+def test_muon_takes_the_hidden_matrices_and_adamw_the_rest():
+    model = GPT.from_config(dict(vocab_size=11, n_layer=2, n_head=2, d_model=16, block_size=8, attention="mla",
+                                 kv_lora_rank=8, qk_nope_head_dim=4, qk_rope_head_dim=4, v_head_dim=4, ffn="moe",
+                                 n_routed_experts=4, n_shared_experts=1, positions="learned", norm="rmsnorm"))
+    muon, adamw = muon_parameters(model)
+    assert set(muon) | set(adamw) == {n for n, _ in model.named_parameters()} and not set(muon) & set(adamw)
+    assert set(muon) == {n for n, p in model.named_parameters()
+                         if p.dim() == 2 and n.startswith("blocks.") and ".gate." not in n}
+    assert "blocks.0.attn.wkv_b.weight" in muon and "blocks.1.ffn.shared_experts.w2.weight" in muon
+    assert {"wte.weight", "wpe.weight", "blocks.0.ffn.gate.weight", "blocks.0.ffn.experts.w1",
+            "blocks.0.attn.kv_norm.weight", "norm_f.weight"} <= set(adamw)
+    optim = make_optimizer(model, lr=1e-3, kind="muon")
+    assert isinstance(optim.optimizers["muon"], torch.optim.Muon)
+    assert sum(len(g["params"]) for g in optim.optimizers["muon"].param_groups) == len(muon)
+    assert sum(len(g["params"]) for g in optim.optimizers["adamw"].param_groups) == len(adamw)
+
+
+def test_muon_trains(corpus, tmp_path):
+    summary = train(tmp_path / "run", model=MODEL, config=config(corpus, optimizer="muon", lr=5e-3))
+    rows = read_metrics(tmp_path / "run")
+    assert summary["step"] == 12 and rows[-1]["train_loss"] < rows[0]["train_loss"] - 0.2

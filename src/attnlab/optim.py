@@ -1,4 +1,10 @@
-"""Optimisers and the learning-rate schedule every trainer uses."""
+"""Optimisers and the learning-rate schedule every trainer uses.
+
+:func:`make_optimizer` gives an :class:`Optimization`: AdamW alone (decoupled weight decay on
+matrices and embeddings, none on norms and biases), or Muon for the hidden matrices with AdamW for
+the embeddings, the LM head, norms, biases, routers and stacked experts — as the modded-nanogpt
+speedrun splits them. Every optimizer in it follows one warmup + cosine schedule.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +13,9 @@ import math
 import torch
 from torch import nn
 
+from attnlab import _checks
 
-def make_optimizer(model: nn.Module, *, lr: float, weight_decay: float = 0.1, betas=(0.9, 0.99)) -> torch.optim.AdamW:
-    """AdamW with decoupled weight decay on matrices and embeddings only (not on norms or biases)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)
+OPTIMIZERS = ("adamw", "muon")
 
 
 class WarmupCosine:
@@ -32,5 +34,71 @@ class WarmupCosine:
         return self.min_ratio + 0.5 * (1.0 + math.cos(math.pi * progress)) * (1.0 - self.min_ratio)
 
 
-def make_scheduler(optimizer, *, warmup_steps: int, decay_steps: int, min_ratio: float):
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(warmup_steps, decay_steps, min_ratio))
+def muon_parameters(model: nn.Module) -> tuple[list[str], list[str]]:
+    """(names for Muon, names for AdamW): Muon takes the 2-D weight matrices inside the transformer
+    blocks (attention and FFN projections); AdamW the embeddings and LM head (lookup tables and a
+    classifier, not hidden maps), norms, biases, MoE routers and stacked (3-D) expert weights."""
+    muon, adamw = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        hidden = p.dim() == 2 and ".blocks." in f".{name}" and ".gate." not in f".{name}"
+        (muon if hidden else adamw).append(name)
+    return muon, adamw
+
+
+class Optimization:
+    """One or more optimizers and their schedules, stepped and checkpointed as one."""
+
+    def __init__(self, optimizers: dict[str, torch.optim.Optimizer], schedule: WarmupCosine):
+        self.optimizers = optimizers
+        self.schedulers = {name: torch.optim.lr_scheduler.LambdaLR(opt, schedule) for name, opt in optimizers.items()}
+
+    @property
+    def lr(self) -> float:
+        """The learning rate of this step (the first optimizer's; all follow the same schedule)."""
+        return next(iter(self.schedulers.values())).get_last_lr()[0]
+
+    def step(self) -> None:
+        for optimizer in self.optimizers.values():
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        for scheduler in self.schedulers.values():
+            scheduler.step()
+
+    def state_dict(self) -> dict:
+        return {name: {"optimizer": self.optimizers[name].state_dict(), "scheduler": self.schedulers[name].state_dict()}
+                for name in self.optimizers}
+
+    def load_state_dict(self, state: dict, decay_steps: int) -> None:
+        """Restore every optimizer and schedule; ``decay_steps`` replaces the saved one (a resumed
+        run may be given a longer budget)."""
+        for name, saved in state.items():
+            self.optimizers[name].load_state_dict(saved["optimizer"])
+            self.schedulers[name].load_state_dict(saved["scheduler"])
+            self.schedulers[name].lr_lambdas[0].decay_steps = decay_steps
+
+
+def _adamw(params: dict[str, nn.Parameter], lr: float, weight_decay: float, betas) -> torch.optim.AdamW:
+    """AdamW with decoupled weight decay on matrices and embeddings only (not on norms or biases)."""
+    groups = [{"params": [p for p in params.values() if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params.values() if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)
+
+
+def make_optimizer(model: nn.Module, *, lr: float, weight_decay: float = 0.1, betas=(0.9, 0.99), kind: str = "adamw",
+                   warmup_steps: int = 0, decay_steps: int = 1, min_ratio: float = 1.0) -> Optimization:
+    """AdamW for everything, or Muon (Moonshot's RMS matching, so ``lr`` and ``weight_decay`` carry
+    over from AdamW) for the hidden matrices and AdamW for the rest; one schedule for all."""
+    _checks.one_of("optimizer", kind, OPTIMIZERS)
+    params = dict(model.named_parameters())
+    schedule = WarmupCosine(warmup_steps, decay_steps, min_ratio)
+    if kind == "adamw":
+        return Optimization({"adamw": _adamw({n: p for n, p in params.items() if p.requires_grad}, lr, weight_decay,
+                                             betas)}, schedule)
+    muon, adamw = muon_parameters(model)
+    optimizers = {"adamw": _adamw({n: params[n] for n in adamw}, lr, weight_decay, betas)}
+    if muon:
+        optimizers["muon"] = torch.optim.Muon([params[n] for n in muon], lr=lr, weight_decay=weight_decay,
+                                              adjust_lr_fn="match_rms_adamw")
+    return Optimization(optimizers, schedule)

@@ -28,11 +28,11 @@ from attnlab import device as devices
 from attnlab.attention.record import RecordsAttention
 from attnlab.errors import ConfigError
 from attnlab.files import append_jsonl, read_jsonl
-from attnlab.optim import make_optimizer, make_scheduler
+from attnlab.optim import OPTIMIZERS, make_optimizer
 from attnlab.options import check_choices, option
 
 CHECKPOINT = "checkpoint.pt"
-CHECKPOINT_FORMAT = "attnlab-train-checkpoint-v2"
+CHECKPOINT_FORMAT = "attnlab-train-checkpoint-v3"
 METRICS = "metrics.jsonl"
 KERNELS = ("auto", "fused", "explicit")
 
@@ -50,6 +50,8 @@ class TrainConfig:
     grad_accum: int = option(1, "micro-steps per optimizer step")
     max_steps: int = option(2000, "optimizer steps")
     max_time: float | None = option(None, "seconds of wall time (from the process start) before stopping")
+    optimizer: str = option("adamw", "adamw for every parameter, or muon for the hidden matrices (AdamW for "
+                            "embeddings, head, norms, biases, routers, experts)", choices=OPTIMIZERS)
     lr: float = option(1e-3, "peak learning rate, reached after warmup")
     min_lr: float | None = option(None, "learning rate at the end of the decay; None: lr / 10")
     warmup_steps: int = option(100, "steps of linear warmup")
@@ -161,10 +163,10 @@ class Trainer:
         self.raw, self.cfg, self.batches, self.device, self.precision = model, cfg, batches, device, precision
         self.out = None if out_dir is None else Path(out_dir)
         self.ddp, self.meta, self.progress, self.clock = ddp, dict(checkpoint_meta or {}), progress, clock
-        self.optimizer = make_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2))
         min_lr = cfg.lr / 10 if cfg.min_lr is None else cfg.min_lr
-        self.scheduler = make_scheduler(self.optimizer, warmup_steps=cfg.warmup_steps,
-                                        decay_steps=cfg.decay_steps or cfg.max_steps, min_ratio=min_lr / cfg.lr)
+        self.optim = make_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2),
+                                    kind=cfg.optimizer, warmup_steps=cfg.warmup_steps,
+                                    decay_steps=cfg.decay_steps or cfg.max_steps, min_ratio=min_lr / cfg.lr)
         self.step, self.tokens, self.elapsed_before = 0, 0, 0.0
         self.kernel, self.kernel_reason = None, None
         self._eval_time = 0.0
@@ -188,7 +190,7 @@ class Trainer:
         self._emit({"event": "start", "step": self.step, "max_steps": cfg.max_steps, **summary})
         self.model.train()
         while self.step < cfg.max_steps:
-            lr = self.scheduler.get_last_lr()[0]
+            lr = self.optim.lr
             loss = self.train_step()
             self.step += 1
             self.tokens += self.batches.tokens_per_batch * cfg.grad_accum
@@ -229,9 +231,7 @@ class Trainer:
             step_loss += loss.detach() / cfg.grad_accum
         if cfg.grad_clip > 0:
             nn.utils.clip_grad_norm_(self.raw.parameters(), cfg.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+        self.optim.step()
         if hasattr(self.raw, "after_optimizer_step"):
             self.raw.after_optimizer_step()
         if ddp.world > 1:
@@ -334,7 +334,7 @@ class Trainer:
         metrics = None if self.out is None else self.out / METRICS
         return {
             "format": CHECKPOINT_FORMAT, **self.meta, "model": self.raw.state_dict(),
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "optimizer": self.optim.state_dict(),
             "batches": self.batches.state_dict(), "rng": {
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None},
@@ -352,9 +352,7 @@ class Trainer:
     def restore(self, ckpt: dict) -> None:
         """Continue from a checkpoint: weights, optimizer, schedule, RNG, batches, counters, metrics."""
         self.raw.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
-        self.scheduler.lr_lambdas[0].decay_steps = self.cfg.decay_steps or self.cfg.max_steps  # LambdaLR restored the old one
+        self.optim.load_state_dict(ckpt["optimizer"], decay_steps=self.cfg.decay_steps or self.cfg.max_steps)
         self.batches.load_state_dict(ckpt["batches"])
         torch.set_rng_state(ckpt["rng"]["torch"])
         if self.device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
@@ -378,7 +376,7 @@ def load_checkpoint(path) -> dict:
             f"checkpoint {str(path)!r} is corrupt or truncated ({type(err).__name__}: {' '.join(str(err).split())[:200]}); "
             "refusing to resume from it (it is left untouched): start a fresh run in another --out folder"
         ) from None
-    needed = ("format", "model", "optimizer", "scheduler", "batches", "rng", "step")
+    needed = ("format", "model", "optimizer", "batches", "rng", "step")
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or any(k not in ckpt for k in needed):
         raise ConfigError(f"checkpoint {str(path)!r} is not an attnlab training checkpoint ({CHECKPOINT_FORMAT}); "
                           "refusing to resume from it")

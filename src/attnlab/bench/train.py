@@ -16,7 +16,7 @@ from attnlab import _checks
 from attnlab import device as devices
 from attnlab.bench.flops import gpt_train_flops_per_token
 from attnlab.bench.results import BenchReport, Table
-from attnlab.data.batches import WindowBatches
+from attnlab.data.batches import random_batches
 from attnlab.models.gpt import GPT, GPTConfig
 from attnlab.timing import time_call
 from attnlab.trainer import Trainer, TrainConfig
@@ -47,8 +47,7 @@ def _trainer(cfg: GPTConfig, batch_size: int, *, dtype: str, compiled: bool, dev
     """attnlab's Trainer with a fresh GPT(cfg), stepping on random tokens in one dtype, eager or compiled."""
     torch.manual_seed(0)
     model = GPT(cfg).to(device)
-    tokens = torch.randint(cfg.vocab_size, (100_000,), generator=torch.Generator().manual_seed(0))
-    batches = WindowBatches(tokens, tokens, batch_size=batch_size, block_size=cfg.block_size, seed=0)
+    batches = random_batches(cfg.vocab_size, batch_size=batch_size, block_size=cfg.block_size)
     precision = devices.Precision({"fp32": "float32", "bf16": "bfloat16"}[dtype], "benchmark row", str(device))
     trainer = Trainer(model, TrainConfig(batch_size=batch_size, compile=compiled), batches, device=device,
                       precision=precision)

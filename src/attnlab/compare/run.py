@@ -34,21 +34,19 @@ from attnlab.attention.mla import mla_dims
 from attnlab.attention.record import record_attention
 from attnlab.compare.layout import ATTENTION_PNG, DATA, REPORT_FILES, RESULT, RUN_INFO
 from attnlab.compare.report import write_report
-from attnlab.data.batches import spread_windows
+from attnlab.data.batches import random_batches, spread_windows
 from attnlab.data.corpus import encode, load_corpus, split_tokens, write_dataset
 from attnlab.data.tokenizer import train_tokenizer
 from attnlab.errors import ConfigError
 from attnlab.files import read_jsonl, write_json
 from attnlab.generate import stream_tokens
-from attnlab.models.base import count_params, load_pretrained
-from attnlab.models.gpt import GPT, GPTConfig
-from attnlab.models.mlp import MLPConfig, MLPLM
+from attnlab.models.base import count_params, load_pretrained, model_class
+from attnlab.models.mlp import MLPConfig
 from attnlab.models.ngram import NGramLM
-from attnlab.optim import make_optimizer
 from attnlab.options import check_choices, option
 from attnlab.timing import median_seconds, time_call
 from attnlab.train import train
-from attnlab.trainer import METRICS
+from attnlab.trainer import METRICS, Trainer, TrainConfig
 from attnlab.viz.heatmap import plot_grid
 
 MODELS = ("ngram", "mlp", "mha", "gqa", "mqa", "mla", "mha-moe", "mla-moe")
@@ -261,23 +259,16 @@ class _Clock:
 
 
 def _step_seconds(fields: dict, cfg: CompareConfig, precision: devices.Precision, device: torch.device) -> float:
-    """Wall time of one training step (forward, backward, AdamW) after a warm-up step: for the ETA
+    """Wall time of one of the trainer's steps after a warm-up step, on random tokens: for the ETA
     and for turning a time budget into a step count."""
     fields = dict(fields)
-    model_type = fields.pop("model_type")
+    cls = model_class(fields.pop("model_type"))
     torch.manual_seed(cfg.seed)
-    model = (MLPLM.from_config(MLPConfig(**fields)) if model_type == "mlp" else GPT(GPTConfig(**fields))).to(device)
-    opt = make_optimizer(model, lr=cfg.lr)
-    x = torch.randint(fields["vocab_size"], (cfg.batch_size, cfg.block_size), generator=torch.Generator().manual_seed(0))
-    x = x.to(device)
-    def step():
-        with precision.autocast():
-            _, loss = model(x, x)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return median_seconds(step, warmup=1, repeats=1, device=device)
+    model = cls.from_config(cls.config_class(**fields)).to(device)
+    batches = random_batches(fields["vocab_size"], batch_size=cfg.batch_size, block_size=cfg.block_size)
+    trainer = Trainer(model, TrainConfig(batch_size=cfg.batch_size, lr=cfg.lr), batches, device=device,
+                      precision=precision)
+    return median_seconds(trainer.train_step, warmup=1, repeats=1, device=device)
 
 
 def _plan(cfg: CompareConfig, fields: dict[str, dict], precision, device) -> dict:

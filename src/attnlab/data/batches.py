@@ -76,6 +76,13 @@ class WindowBatches:
         self.generator.set_state(state["generator"])
 
 
+def random_batches(vocab_size: int, *, batch_size: int, block_size: int, seed: int = 0) -> WindowBatches:
+    """Windows of uniformly random token ids: a batch source for timing a training step (speed
+    does not depend on the text)."""
+    tokens = torch.randint(vocab_size, (max(100_000, 4 * block_size),), generator=torch.Generator().manual_seed(seed))
+    return WindowBatches(tokens, tokens, batch_size=batch_size, block_size=block_size, seed=seed)
+
+
 def spread_windows(tokens, count: int, length: int) -> torch.Tensor:
     """``count`` windows of ``length`` tokens spread evenly over ``tokens``, (count, length) int64."""
     if len(tokens) < length:
