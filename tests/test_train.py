@@ -17,7 +17,7 @@ from attnlab.cli import main
 from attnlab.errors import ConfigError
 from attnlab.models.gpt import GPT
 from attnlab.data.batches import WindowBatches, sample_windows
-from attnlab.optim import WarmupCosine, make_optimizer, muon_parameters
+from attnlab.optim import Muon, WarmupCosine, make_optimizer, muon_parameters
 from attnlab.train import train
 from attnlab.device import choose_precision
 from attnlab.trainer import CHECKPOINT, Trainer, TrainConfig, read_metrics
@@ -215,7 +215,7 @@ def test_muon_takes_the_hidden_matrices_and_adamw_the_rest():
     assert {"wte.weight", "wpe.weight", "blocks.0.ffn.gate.weight", "blocks.0.ffn.experts.w1",
             "blocks.0.attn.kv_norm.weight", "norm_f.weight"} <= set(adamw)
     optim = make_optimizer(model, lr=1e-3, kind="muon")
-    assert isinstance(optim.optimizers["muon"], torch.optim.Muon)
+    assert isinstance(optim.optimizers["muon"], Muon)
     assert sum(len(g["params"]) for g in optim.optimizers["muon"].param_groups) == len(muon)
     assert sum(len(g["params"]) for g in optim.optimizers["adamw"].param_groups) == len(adamw)
 
@@ -224,3 +224,22 @@ def test_muon_trains(corpus, tmp_path):
     summary = train(tmp_path / "run", model=MODEL, config=config(corpus, optimizer="muon", lr=5e-3))
     rows = read_metrics(tmp_path / "run")
     assert summary["step"] == 12 and rows[-1]["train_loss"] < rows[0]["train_loss"] - 0.2
+
+
+@pytest.mark.parametrize("nesterov, adjust", [(True, "match_rms_adamw"), (False, None)])
+def test_our_muon_is_torchs_muon_with_newton_schulz_in_a_chosen_dtype(nesterov, adjust):
+    torch.manual_seed(0)
+    weights = [torch.randn(12, 5, requires_grad=True), torch.randn(4, 9, requires_grad=True)]
+    copies = [[w.detach().clone().requires_grad_() for w in weights] for _ in range(2)]
+    theirs = torch.optim.Muon(weights, lr=0.02, nesterov=nesterov, adjust_lr_fn=adjust)
+    ours_bf16 = Muon(copies[0], lr=0.02, nesterov=nesterov, adjust_lr_fn=adjust, ns_dtype=torch.bfloat16)
+    ours_fp32 = Muon(copies[1], lr=0.02, nesterov=nesterov, adjust_lr_fn=adjust, ns_dtype=torch.float32)
+    for _ in range(3):
+        grads = [torch.randn_like(w) for w in weights]
+        for params, opt in ((weights, theirs), (copies[0], ours_bf16), (copies[1], ours_fp32)):
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            opt.step()
+    for w, a, b in zip(weights, *copies):
+        assert torch.equal(w, a)  # the same steps as PyTorch's, op for op, when run in bf16
+        torch.testing.assert_close(w, b, atol=5e-3, rtol=0)  # fp32 Newton-Schulz: bf16's rounding apart

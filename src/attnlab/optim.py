@@ -34,6 +34,54 @@ class WarmupCosine:
         return self.min_ratio + 0.5 * (1.0 + math.cos(math.pi * progress)) * (1.0 - self.min_ratio)
 
 
+def newton_schulz(grad: torch.Tensor, coefficients, steps: int, eps: float, dtype: torch.dtype) -> torch.Tensor:
+    """Muon's quintic Newton-Schulz iteration (Keller Jordan's), the orthogonalised update of
+    ``grad`` computed in ``dtype``: bf16 where its matmuls are fast, fp32 where bf16 is emulated."""
+    a, b, c = coefficients
+    x = grad.to(dtype)
+    tall = grad.size(0) > grad.size(1)
+    if tall:
+        x = x.T
+    x = x / x.norm().clamp(min=eps)  # spectral norm <= 1
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if tall else x
+
+
+class Muon(torch.optim.Muon):
+    """``torch.optim.Muon`` (same hyper-parameters, state and result) with its Newton-Schulz
+    iteration in ``ns_dtype``: PyTorch runs it in bf16 always, which on a CPU without native bf16
+    costs more than the whole training step."""
+
+    def __init__(self, params, *, ns_dtype: torch.dtype = torch.bfloat16, **kwargs):
+        super().__init__(params, **kwargs)
+        self.ns_dtype = ns_dtype
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            lr, momentum = group["lr"], group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
+                buf.lerp_(p.grad, 1 - momentum)
+                update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
+                update = newton_schulz(update, group["ns_coefficients"], group["ns_steps"], group["eps"], self.ns_dtype)
+                p.mul_(1 - lr * group["weight_decay"])
+                p.add_(update, alpha=-lr * _rms_matching_scale(group["adjust_lr_fn"], p.shape))
+        return None
+
+
+def _rms_matching_scale(adjust_lr_fn: str | None, shape) -> float:
+    """Muon's per-matrix LR scale: Keller's √max(1, A/B), or Moonshot's 0.2·√max(A, B) that matches AdamW's RMS."""
+    rows, cols = shape[:2]
+    if adjust_lr_fn == "match_rms_adamw":
+        return 0.2 * math.sqrt(max(rows, cols))
+    return math.sqrt(max(1, rows / cols))
+
+
 def muon_parameters(model: nn.Module) -> tuple[list[str], list[str]]:
     """(names for Muon, names for AdamW): Muon takes the 2-D weight matrices inside the transformer
     blocks (attention and FFN projections); AdamW the embeddings and LM head (lookup tables and a
@@ -87,9 +135,11 @@ def _adamw(params: dict[str, nn.Parameter], lr: float, weight_decay: float, beta
 
 
 def make_optimizer(model: nn.Module, *, lr: float, weight_decay: float = 0.1, betas=(0.9, 0.99), kind: str = "adamw",
-                   warmup_steps: int = 0, decay_steps: int = 1, min_ratio: float = 1.0) -> Optimization:
+                   warmup_steps: int = 0, decay_steps: int = 1, min_ratio: float = 1.0,
+                   ns_dtype: torch.dtype = torch.float32) -> Optimization:
     """AdamW for everything, or Muon (Moonshot's RMS matching, so ``lr`` and ``weight_decay`` carry
-    over from AdamW) for the hidden matrices and AdamW for the rest; one schedule for all."""
+    over from AdamW; Newton-Schulz in ``ns_dtype``) for the hidden matrices and AdamW for the rest;
+    one schedule for all."""
     _checks.one_of("optimizer", kind, OPTIMIZERS)
     params = dict(model.named_parameters())
     schedule = WarmupCosine(warmup_steps, decay_steps, min_ratio)
@@ -99,6 +149,6 @@ def make_optimizer(model: nn.Module, *, lr: float, weight_decay: float = 0.1, be
     muon, adamw = muon_parameters(model)
     optimizers = {"adamw": _adamw({n: params[n] for n in adamw}, lr, weight_decay, betas)}
     if muon:
-        optimizers["muon"] = torch.optim.Muon([params[n] for n in muon], lr=lr, weight_decay=weight_decay,
-                                              adjust_lr_fn="match_rms_adamw")
+        optimizers["muon"] = Muon([params[n] for n in muon], lr=lr, weight_decay=weight_decay,
+                                  adjust_lr_fn="match_rms_adamw", ns_dtype=ns_dtype)
     return Optimization(optimizers, schedule)

@@ -166,7 +166,8 @@ class Trainer:
         min_lr = cfg.lr / 10 if cfg.min_lr is None else cfg.min_lr
         self.optim = make_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2),
                                     kind=cfg.optimizer, warmup_steps=cfg.warmup_steps,
-                                    decay_steps=cfg.decay_steps or cfg.max_steps, min_ratio=min_lr / cfg.lr)
+                                    decay_steps=cfg.decay_steps or cfg.max_steps, min_ratio=min_lr / cfg.lr,
+                                    ns_dtype=devices.choose_precision("auto", device).torch_dtype)
         self.step, self.tokens, self.elapsed_before = 0, 0, 0.0
         self.kernel, self.kernel_reason = None, None
         self._eval_time = 0.0
