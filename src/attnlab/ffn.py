@@ -25,15 +25,16 @@ DISPATCHES = ("fast", "reference")
 
 
 class MLP(nn.Module):
-    """nanoGPT's dense FFN: Linear -> GELU -> Linear."""
+    """nanoGPT's dense FFN: Linear -> GELU -> Linear (``approximate="tanh"``: GPT-2's GELU)."""
 
-    def __init__(self, d_model: int, hidden: int, bias: bool = False):
+    def __init__(self, d_model: int, hidden: int, bias: bool = False, approximate: str = "none"):
         super().__init__()
         self.fc = nn.Linear(d_model, hidden, bias=bias)
         self.proj = nn.Linear(hidden, d_model, bias=bias)
+        self.approximate = approximate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(F.gelu(self.fc(x)))
+        return self.proj(F.gelu(self.fc(x), approximate=self.approximate))
 
 
 class SwiGLU(nn.Module):

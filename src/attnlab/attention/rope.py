@@ -4,16 +4,23 @@ proportional to the token's absolute position, so q·k depends only on relative 
 Two conventions pair the features differently; real weights are trained with one of them:
 - rotate half (``interleaved=False``): feature i pairs with i + dim/2 (Llama, SmolLM2, HF);
 - interleaved (``interleaved=True``): features 2i and 2i+1 form a pair (DeepSeek's reference code).
-Pair i turns by ``position * theta ** (-2i / dim)`` in both.
+Pair i turns by ``position * theta ** (-2i / dim)`` in both. Long-context checkpoints stretch
+those frequencies (``scaling``, HF's ``rope_parameters``): "linear" divides them all by a factor,
+"llama3" (Llama 3.1) slows only the low frequencies and blends the middle band.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
 
 from attnlab import _checks
 from attnlab.errors import ConfigError, InputTypeError
+
+ROPE_SCALINGS = {"linear": ("factor",),
+                 "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
@@ -36,19 +43,59 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
     return out.to(x.dtype)
 
 
+def check_rope_scaling(scaling: dict | None) -> dict | None:
+    """None (plain RoPE) or {"rope_type": "linear" | "llama3", and that type's numbers}, checked."""
+    if scaling is None:
+        return None
+    kind = scaling.get("rope_type") if isinstance(scaling, dict) else None
+    if kind not in ROPE_SCALINGS:
+        allowed = ", ".join(repr(k) for k in ROPE_SCALINGS)
+        raise ConfigError(f"rope_scaling={scaling!r} is not allowed: expected None or a dict with rope_type {allowed} "
+                          "(other RoPE scalings, such as 'yarn' or 'dynamic', are not implemented)")
+    missing = [key for key in ROPE_SCALINGS[kind] if key not in scaling]
+    if missing:
+        raise ConfigError(f"rope_scaling={scaling!r} lacks {', '.join(missing)}: rope_type={kind!r} needs {ROPE_SCALINGS[kind]}")
+    checked = {"rope_type": kind, **{key: _checks.positive(f"rope_scaling[{key!r}]", scaling[key])
+                                     for key in ROPE_SCALINGS[kind]}}
+    if kind == "llama3" and not checked["high_freq_factor"] > checked["low_freq_factor"]:
+        raise ConfigError(f"rope_scaling={scaling!r}: high_freq_factor must exceed low_freq_factor")
+    return checked
+
+
+def scale_frequencies(inv_freq: torch.Tensor, scaling: dict | None) -> torch.Tensor:
+    """RoPE's inverse frequencies (dim/2,) after a checkpoint's scaling (see :func:`check_rope_scaling`)."""
+    if scaling is None:
+        return inv_freq
+    factor = scaling["factor"]
+    if scaling["rope_type"] == "linear":  # positions / factor: every pair turns factor times slower
+        return inv_freq / factor
+    # llama3: wavelengths longer than the original context / low_freq_factor are slowed by factor,
+    # those shorter than context / high_freq_factor kept, the band between blended linearly.
+    context = scaling["original_max_position_embeddings"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    wavelength = 2 * math.pi / inv_freq
+    smooth = (context / wavelength - low) / (high - low)
+    blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    kept = torch.where(wavelength < context / high, inv_freq, blended)
+    return torch.where(wavelength > context / low, inv_freq / factor, kept)
+
+
 class RotaryEmbedding(nn.Module):
     """Rotary embedding for heads of size ``dim``. The float32 cos/sin tables are computed once
     (for ``max_positions``, or grown when a longer sequence comes) and sliced per call; a model
     computes them once per forward and hands them to every layer (``rotary=`` of the attention
-    modules), as DeepSeek's reference code does with ``freqs_cis``."""
+    modules), as DeepSeek's reference code does with ``freqs_cis``. ``scaling``: a long-context
+    checkpoint's frequency scaling (:func:`check_rope_scaling`)."""
 
-    def __init__(self, dim: int, theta: float = 10000.0, interleaved: bool = False, max_positions: int = 0):
+    def __init__(self, dim: int, theta: float = 10000.0, interleaved: bool = False, max_positions: int = 0,
+                 scaling: dict | None = None):
         super().__init__()
         _checks.positive_int("dim", dim)
         if dim % 2 != 0:
             raise ConfigError(f"RoPE dim={dim} is not allowed: rotary embedding needs an even dimension")
         _checks.real("rope_theta", theta, low=1, low_open=True)
         self.dim, self.theta, self.interleaved = dim, float(theta), bool(interleaved)
+        self.scaling = check_rope_scaling(scaling)
         # Plain tensors, not buffers: model.to(bfloat16) must not round the angles.
         self._cos = torch.empty(0, dim // 2)
         self._sin = torch.empty(0, dim // 2)
@@ -57,7 +104,7 @@ class RotaryEmbedding(nn.Module):
 
     def _build(self, size: int, device) -> None:
         exponents = torch.arange(0, self.dim, 2, dtype=torch.int64, device=device).float() / self.dim
-        inv_freq = 1.0 / (self.theta ** exponents)  # (dim/2,)
+        inv_freq = scale_frequencies(1.0 / (self.theta ** exponents), self.scaling)  # (dim/2,)
         angles = torch.outer(torch.arange(size, device=device, dtype=torch.float32), inv_freq)  # (size, dim/2)
         self._cos, self._sin = angles.cos(), angles.sin()
 
@@ -97,7 +144,17 @@ class RotaryEmbedding(nn.Module):
         return self.rotate(x, rotary)
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, theta={self.theta:g}, interleaved={self.interleaved}"
+        scaled = "" if self.scaling is None else f", scaling={self.scaling['rope_type']!r}"
+        return f"dim={self.dim}, theta={self.theta:g}, interleaved={self.interleaved}{scaled}"
+
+
+def interleaved_to_half(w, n_heads: int):
+    """Q or K projection rows (weight or bias; a torch tensor or numpy array) whose heads pair RoPE
+    features (2i, 2i+1), reordered per head so they pair (i, i + dim/2): rotate-half RoPE on these
+    rows gives the same attention scores as interleaved RoPE on the originals (llama.cpp stores
+    Llama's Q/K in the interleaved order)."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def default_positions(start: int, length: int, device) -> tuple[torch.Tensor, int]:

@@ -57,12 +57,13 @@ _BERT_LAYER_NAMES = {
     "output.dense": "proj",
     "output.LayerNorm": "norm2",
 }
-_BERT_UNUSED = ("pooler.", "embeddings.position_ids")
+_BERT_UNUSED = ("pooler.", "embeddings.position_ids", "cls.")  # pooler and pre-training heads: the encoder alone
 
 
 def bert_state_dict(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A HF BertModel state dict (optionally "bert."-prefixed) renamed to this Encoder's names.
-    The pooler (unused by mean pooling) is dropped; any other unknown key is an error."""
+    The pooler (unused by mean pooling) and pre-training heads ("cls.", BertForMaskedLM's) are
+    dropped; any other unknown key is an error."""
     state = {}
     for key, value in tensors.items():
         name = key.removeprefix("bert.")

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
+from attnlab.attention.rope import interleaved_to_half
 from attnlab.data.tokenizer import BPETokenizer
 from attnlab.errors import ConfigError
 from attnlab.models.gpt import GPT, GPTConfig
@@ -104,13 +105,6 @@ def smollm2_config(reader) -> GPTConfig:
     )
 
 
-def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """Undo llama.cpp's Q/K row order: per head, its converter interleaves the two rotary halves
-    (rows i and i + hs/2 become neighbours); put each half back in one block."""
-    rows, cols = w.shape
-    return w.reshape(n_head, rows // n_head // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
-
-
 def smollm2_state_dict(reader, cfg: GPTConfig) -> dict[str, torch.Tensor]:
     """Every GGUF tensor dequantised to float32 and renamed to our GPT's parameter names."""
     from gguf.quants import dequantize
@@ -130,9 +124,9 @@ def smollm2_state_dict(reader, cfg: GPTConfig) -> dict[str, torch.Tensor]:
                 raise ConfigError(f"{reader.path!s} has an unexpected tensor {t.name!r} for a llama GGUF")
             name = f"blocks.{layer}.{_LAYER_NAMES[rest]}"
             if rest == "attn_q.weight":
-                w = _unpermute(w, cfg.n_head)
+                w = interleaved_to_half(w, cfg.n_head)
             elif rest == "attn_k.weight":
-                w = _unpermute(w, cfg.n_kv_head)
+                w = interleaved_to_half(w, cfg.n_kv_head)
         state[name] = torch.from_numpy(np.require(w, np.float32, ["C", "W"]))
     if cfg.tie_embeddings:
         state["lm_head.weight"] = state["wte.weight"]

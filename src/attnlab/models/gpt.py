@@ -20,7 +20,7 @@ from attnlab.attention.cache import KVCache
 from attnlab.attention.gqa import GroupedQueryAttention
 from attnlab.attention.lecture import MultiHeadAttentionWrapper
 from attnlab.attention.mla import MultiHeadLatentAttention
-from attnlab.attention.rope import RotaryEmbedding, default_positions
+from attnlab.attention.rope import RotaryEmbedding, check_rope_scaling, default_positions
 from attnlab.errors import ConfigError, InputTypeError
 from attnlab.ffn import MLP, SCORE_FUNCS, MoE, SwiGLU
 from attnlab.models.base import SaveLoadMixin, register_model
@@ -28,6 +28,7 @@ from attnlab.norm import RMSNorm
 from attnlab.options import check_choices, option
 
 ATTENTIONS = ("mha", "gqa", "mqa", "mla", "wrapper")
+ACTIVATIONS = ("gelu", "gelu_tanh", "swiglu")
 MODEL_TYPE = "gpt"
 
 
@@ -54,7 +55,8 @@ class GPTConfig:
     mla_mode: str = option("naive", "naive: per-head K/V from c_kv; absorbed: weights folded, only c_kv cached",
                            choices=("naive", "absorbed"))
     ffn: str = option("dense", "one MLP per block, or a mixture of experts", choices=("dense", "moe"))
-    activation: str = option("gelu", "activation of the dense FFN", choices=("gelu", "swiglu"))
+    activation: str = option("gelu", "activation of the dense FFN (gelu_tanh: GPT-2's tanh approximation)",
+                             choices=ACTIVATIONS)
     ffn_hidden: int | None = option(None, "dense FFN width; None: 4 * d_model (gelu) or 8/3 * d_model rounded up "
                                           "to 8 (swiglu)")
     # MoE (DeepSeek-V3 names); every layer from n_dense_layers on is an MoE layer.
@@ -73,11 +75,15 @@ class GPTConfig:
     positions: str = option("learned", "learned absolute embeddings or rotary (RoPE)", choices=("learned", "rope"))
     rope_theta: float = option(10000.0, "RoPE base")
     rope_interleave: bool = option(False, "pair features 2i, 2i+1 (DeepSeek) instead of i, i + dim/2 (Llama, HF)")
+    rope_scaling: dict | None = option(None, "long-context RoPE frequency scaling, as HF's rope_parameters: "
+                                             "{'rope_type': 'linear' or 'llama3', ...}; None: plain RoPE", flag=False)
     norm: str = option("layernorm", "the pre-norm of every block and the final norm", choices=("layernorm", "rmsnorm"))
     norm_eps: float = option(1e-5, "epsilon of the norms")
     tie_embeddings: bool = option(True, "lm_head shares the token embedding's weights")
     dropout: float = option(0.0, "on attention weights and residual branches while training")
     bias: bool = option(False, "biases in every Linear and LayerNorm")
+    qkv_bias: bool | None = option(None, "biases in the Q/K/V projections (Qwen2 has them, its other Linears not); "
+                                         "None: as bias")
 
     def __post_init__(self):
         check_choices(self)
@@ -93,6 +99,9 @@ class GPTConfig:
         _checks.non_negative("bias_update_speed", self.bias_update_speed)
         _checks.positive("norm_eps", self.norm_eps)
         _checks.real("rope_theta", self.rope_theta, low=1, low_open=True)
+        self.rope_scaling = check_rope_scaling(self.rope_scaling)
+        if self.qkv_bias is None:
+            self.qkv_bias = self.bias
         if self.capacity_factor is not None:
             _checks.positive("capacity_factor", self.capacity_factor)
         if self.head_dim is None:
@@ -153,7 +162,7 @@ class LectureAttention(nn.Module):
         super().__init__()
         self.n_head, self.head_dim = cfg.n_head, cfg.head_dim
         self.heads = MultiHeadAttentionWrapper(
-            cfg.d_model, self.head_dim, cfg.block_size, cfg.dropout, cfg.n_head, qkv_bias=cfg.bias, fused=True
+            cfg.d_model, self.head_dim, cfg.block_size, cfg.dropout, cfg.n_head, qkv_bias=cfg.qkv_bias, fused=True
         )
         self.proj = nn.Linear(cfg.n_head * self.head_dim, cfg.d_model, bias=cfg.bias)
         self.dropout = cfg.dropout
@@ -189,7 +198,7 @@ def _attention(cfg: GPTConfig) -> nn.Module:
             mode=cfg.mla_mode, dropout=cfg.dropout, causal=True, norm_eps=cfg.norm_eps,
         )
     return GroupedQueryAttention(
-        cfg.d_model, cfg.n_head, cfg.n_kv_head, head_dim=cfg.head_dim, qkv_bias=cfg.bias,
+        cfg.d_model, cfg.n_head, cfg.n_kv_head, head_dim=cfg.head_dim, qkv_bias=cfg.qkv_bias,
         out_bias=cfg.bias, dropout=cfg.dropout, causal=True, rope=cfg.positions == "rope",
         rope_theta=cfg.rope_theta, rope_interleave=cfg.rope_interleave,
     )
@@ -206,7 +215,7 @@ def _ffn(cfg: GPTConfig, layer: int) -> nn.Module:
         )
     if cfg.activation == "swiglu":
         return SwiGLU(cfg.d_model, cfg.ffn_hidden, bias=cfg.bias)
-    return MLP(cfg.d_model, cfg.ffn_hidden, bias=cfg.bias)
+    return MLP(cfg.d_model, cfg.ffn_hidden, bias=cfg.bias, approximate="tanh" if cfg.activation == "gelu_tanh" else "none")
 
 
 class Block(nn.Module):
@@ -248,7 +257,8 @@ class GPT(SaveLoadMixin, nn.Module):
         # One RoPE table for every layer (MLA always rotates its decoupled part), sliced per forward.
         rope_dim = cfg.qk_rope_head_dim if cfg.attention == "mla" else cfg.head_dim
         uses_rope = cfg.attention == "mla" or (cfg.positions == "rope" and cfg.attention != "wrapper")
-        self.rotary = RotaryEmbedding(rope_dim, cfg.rope_theta, cfg.rope_interleave, cfg.block_size) if uses_rope else None
+        self.rotary = RotaryEmbedding(rope_dim, cfg.rope_theta, cfg.rope_interleave, cfg.block_size,
+                                      scaling=cfg.rope_scaling) if uses_rope else None
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList([Block(cfg, i) for i in range(cfg.n_layer)])
         self.norm_f = _norm(cfg)
