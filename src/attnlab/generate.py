@@ -22,7 +22,9 @@ from attnlab.data.tokenizer import load_tokenizer
 from attnlab.errors import ConfigError, InputTypeError
 from attnlab.models.base import read_config
 from attnlab.models.gpt import MODEL_TYPE, GPT
+from attnlab.hf.checkpoint import DECODERS, from_hf_pretrained, hf_model_type
 from attnlab.hf.smollm2 import load_smollm2
+from attnlab.hf.tokenizer import hf_tokenizer
 
 
 def _check_sampling(temperature, top_k, top_p) -> None:
@@ -122,17 +124,24 @@ PRETRAINED = ("smollm2",)
 
 
 def load_for_generation(folder, *, device: str = "auto", dtype: str = "auto"):
-    """(model, tokenizer) from a run or save_pretrained folder, or the pretrained "smollm2", on
-    ``device`` with weights in ``dtype`` ("auto": bf16 only where it measured faster than fp32 here);
-    any other architecture is refused."""
+    """(model, tokenizer) from a run or save_pretrained folder, a local HF decoder folder
+    (Llama/Qwen2/GPT-2/DeepSeek, with tokenizer.json) or the pretrained "smollm2", on ``device``
+    with weights in ``dtype`` ("auto": bf16 only where it measured faster than fp32 here); any
+    other architecture is refused."""
     dev = devices.resolve_device(device)
     precision = devices.choose_precision(dtype, dev)
     if folder == "smollm2":
         return load_smollm2(dtype=precision.torch_dtype, device=dev)
     folder = Path(folder)
     if not folder.is_dir():
-        raise ConfigError(f"checkpoint folder {str(folder)!r} does not exist: expected a folder written by attnlab train")
+        raise ConfigError(f"checkpoint folder {str(folder)!r} does not exist: expected a folder written by attnlab train, "
+                          f"a local HF checkpoint folder or one of {', '.join(PRETRAINED)}")
     model_type = read_config(folder).get("model_type")
+    if hf_model_type(folder) in DECODERS:
+        tokenizer = hf_tokenizer(folder)
+        if tokenizer is None:
+            raise ConfigError(f"HF folder {str(folder)!r} has no tokenizer.json: it is needed to encode the prompt")
+        return from_hf_pretrained(folder, dtype=precision.torch_dtype, device=dev), tokenizer
     if model_type != MODEL_TYPE:
         raise ConfigError(f"{str(folder)!r} holds a {model_type!r} model: attnlab generate needs a {MODEL_TYPE!r} model")
     if not (folder / "tokenizer.json").is_file():

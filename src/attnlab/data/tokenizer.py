@@ -83,14 +83,38 @@ class CharTokenizer:
         with atomic_output(path) as tmp:
             tmp.write_text(json.dumps({"type": "char", "chars": "".join(self.chars)}, ensure_ascii=False), encoding="utf-8")
 
+    @property
+    def backend(self) -> Tokenizer:
+        """The same tokenizer as an HF ``tokenizers.Tokenizer`` (what transformers' fast tokenizers
+        read): a BPE without merges over the characters, so every character is one token."""
+        tok = Tokenizer(models.BPE(vocab=dict(self.stoi), merges=[]))
+        tok.decoder = decoders.Fuse()
+        return tok
 
-class BPETokenizer:
+
+class _Backed:
+    """A tokenizer that wraps an HF ``tokenizers.Tokenizer`` (``self._tok``)."""
+
+    _tok: Tokenizer
+
+    @property
+    def backend(self) -> Tokenizer:
+        """The HF ``tokenizers.Tokenizer`` underneath."""
+        return self._tok
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size()
+
+
+class BPETokenizer(_Backed):
     """Byte-level BPE (GPT-2 style, via HF ``tokenizers``): any text encodes, nothing is unknown.
-    ``eos_id`` is the token that ends a reply (a pretrained model's), None where there is none."""
+    ``eos_id`` is the token that ends a reply (a pretrained model's), None where there is none;
+    ``bos_id``, when set, starts every encoded text (as Llama's tokenizers add <s>)."""
 
-    def __init__(self, tokenizer, eos_id: int | None = None):
+    def __init__(self, tokenizer, eos_id: int | None = None, bos_id: int | None = None):
         self._tok = tokenizer
-        self.eos_id = eos_id
+        self.eos_id, self.bos_id = eos_id, bos_id
 
     @classmethod
     def train(cls, text: str, vocab_size: int = 2048, min_frequency: int = 2) -> "BPETokenizer":
@@ -110,13 +134,10 @@ class BPETokenizer:
         tok.train_from_iterator((text[i:i + chunk] for i in range(0, len(text), chunk)), trainer=trainer)
         return cls(tok)
 
-    @property
-    def vocab_size(self) -> int:
-        return self._tok.get_vocab_size()
-
     def encode(self, text: str) -> list[int]:
         _check_text(text)
-        return self._tok.encode(text, add_special_tokens=False).ids
+        ids = self._tok.encode(text, add_special_tokens=False).ids
+        return ids if self.bos_id is None else [self.bos_id, *ids]
 
     def encode_array(self, text: str) -> np.ndarray:
         return np.asarray(self.encode(text), dtype=np.int64)
@@ -140,7 +161,7 @@ class Tokenized:
     spans: list[tuple[int, int] | None]
 
 
-class WordPieceTokenizer:
+class WordPieceTokenizer(_Backed):
     """BERT's WordPiece (HF ``tokenizers``, from a tokenizer.json): lower-cases, splits rare words
     into ``##`` pieces and wraps the text in [CLS] … [SEP]. Never truncates or pads."""
 
@@ -152,10 +173,6 @@ class WordPieceTokenizer:
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> "WordPieceTokenizer":
         return cls(Tokenizer.from_file(str(path)))
-
-    @property
-    def vocab_size(self) -> int:
-        return self._tok.get_vocab_size()
 
     def encode(self, text: str) -> list[int]:
         return self.tokenize(text).ids
@@ -177,14 +194,16 @@ class WordPieceTokenizer:
 def tokenize(tokenizer, text: str) -> Tokenized:
     """Tokens and character spans from any attnlab tokenizer. Without a native ``tokenize``, a
     token's span ends where the decoded prefix up to it ends (a token holding part of a
-    multi-byte character gets None; the token completing the character gets its span)."""
+    multi-byte character gets None; the token completing the character gets its span). A BOS token
+    the tokenizer puts first stands for no text either."""
     if hasattr(tokenizer, "tokenize"):
         return tokenizer.tokenize(text)
     ids = tokenizer.encode(text)
-    tokens, spans, start = [], [], 0
-    for k in range(len(ids)):
+    lead = int(bool(ids) and ids[0] == getattr(tokenizer, "bos_id", None))
+    tokens, spans, start = [tokenizer.decode(ids[:1])] * lead, [None] * lead, 0
+    for k in range(lead, len(ids)):
         tokens.append(tokenizer.decode(ids[k:k + 1]))
-        prefix = tokenizer.decode(ids[:k + 1])
+        prefix = tokenizer.decode(ids[lead:k + 1])
         if text.startswith(prefix) and len(prefix) > start:
             spans.append((start, len(prefix)))
             start = len(prefix)

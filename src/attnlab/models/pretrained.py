@@ -1,8 +1,8 @@
 """Pretrained models by name, and one way to run any of them on a text.
 
 ``load_attention_model(spec)`` takes a name ("minilm": all-MiniLM-L6-v2 in attnlab's encoder,
-"smollm2": SmolLM2-135M in attnlab's GPT — both read by :mod:`attnlab.hf`) or a checkpoint folder
-and returns an :class:`AttentionModel` whose ``attention(text)`` gives the tokens and every
+"smollm2": SmolLM2-135M in attnlab's GPT — both read by :mod:`attnlab.hf`), an attnlab checkpoint
+folder or a local HF checkpoint folder (:func:`attnlab.hf.checkpoint.from_hf_pretrained`) and returns an :class:`AttentionModel` whose ``attention(text)`` gives the tokens and every
 layer's per-head weights.
 """
 
@@ -18,6 +18,8 @@ from attnlab.attention.record import RecordsAttention, record_attention
 from attnlab.data.tokenizer import Tokenized, WordPieceTokenizer, tokenize
 from attnlab.errors import ConfigError, InputTypeError
 from attnlab.hf.bert import load_minilm
+from attnlab.hf.checkpoint import from_hf_pretrained, hf_model_type
+from attnlab.hf.tokenizer import hf_tokenizer
 from attnlab.hf.smollm2 import load_smollm2
 from attnlab.models.base import load_pretrained, load_tokenizer_from
 from attnlab.models.encoder import Encoder
@@ -65,13 +67,19 @@ class AttentionModel:
 
 
 def load_attention_model(spec: str, device=None) -> AttentionModel:
-    """"minilm", "smollm2" or the folder of a saved attnlab model (with its tokenizer.json)."""
+    """"minilm", "smollm2", the folder of a saved attnlab model or a local HF checkpoint folder
+    (either with its tokenizer.json)."""
     if not isinstance(spec, str):
         raise InputTypeError(f"model must be a str (a name or a folder), got {type(spec).__name__}")
     if spec == "minilm":
         model, tokenizer = load_minilm(device=device)
     elif spec == "smollm2":
         model, tokenizer = load_smollm2(device=device)
+    elif Path(spec).is_dir() and hf_model_type(spec) is not None:
+        model, tokenizer = from_hf_pretrained(spec, device=device), hf_tokenizer(spec)
+        if tokenizer is None:
+            raise ConfigError(f"HF folder {spec!r} has no tokenizer.json: reading a text needs the model's tokenizer "
+                              "(its logits do not: attnlab.hf.from_hf_pretrained)")
     elif Path(spec).is_dir():
         model = load_pretrained(spec, map_location=device or "cpu")
         if isinstance(model, Encoder) and (Path(spec) / "tokenizer.json").is_file():
@@ -84,5 +92,6 @@ def load_attention_model(spec: str, device=None) -> AttentionModel:
             raise ConfigError(f"the model in {spec!r} ({type(model).__name__}) has no attention layers to show")
     else:
         names = ", ".join(repr(n) for n in NAMES)
-        raise ConfigError(f"model={spec!r} is not allowed: expected {names} or an existing checkpoint folder")
+        raise ConfigError(f"model={spec!r} is not allowed: expected {names}, an attnlab checkpoint folder or a "
+                          "local HF checkpoint folder")
     return AttentionModel(spec, model, tokenizer, _context_length(model))
