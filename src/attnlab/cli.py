@@ -26,6 +26,7 @@ from attnlab.env import environment, format_environment
 from attnlab.errors import UserError
 from attnlab.explain import STEPS, explain
 from attnlab.generate import PRETRAINED, generate_text
+from attnlab.hf.export import export_hf
 from attnlab.kvtable import (
     BUILTIN_CONFIGS, DTYPES, KV_HEADERS, SMALL_HEADERS, kv_table, kv_title, small_model_caches, table_cells, to_markdown,
 )
@@ -331,6 +332,29 @@ def _cmd_heads(args) -> int:
     return 0
 
 
+def _add_export(sub) -> None:
+    p = sub.add_parser(
+        "export", help="write a trained attnlab GPT as a Hugging Face folder (Llama, Qwen2, GPT-2 or DeepSeek-V2/V3)",
+        description="Write the GPT in FOLDER as an HF folder OUT that transformers' AutoModelForCausalLM loads with "
+                    "the same logits: config.json, model.safetensors and the tokenizer (tokenizer.json + "
+                    "tokenizer_config.json). A model no HF architecture matches is refused, naming the feature.",
+    )
+    p.add_argument("folder", help="an attnlab checkpoint folder (attnlab train's --out, or save_pretrained)")
+    p.add_argument("out", help="the HF folder to write")
+    p.add_argument("--to", required=True, choices=["hf"], help="the format to write: hf (Hugging Face transformers)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT folder")
+    p.set_defaults(func=_cmd_export)
+
+
+def _cmd_export(args) -> int:
+    paths = export_hf(args.folder, args.out, overwrite=args.overwrite)
+    architecture = json.loads(paths[1].read_text(encoding="utf-8"))["architectures"][0]
+    print(f"{architecture} written to {args.out}: " + ", ".join(p.name for p in paths))
+    if len(paths) == 2:
+        print(f"{args.folder} has no tokenizer.json: the folder holds the model only")
+    return 0
+
+
 def _add_bench(sub) -> None:
     p = sub.add_parser(
         "bench", help="speed and memory: attention variants, decoding, MoE, training vs PyTorch and others",
@@ -463,8 +487,8 @@ def _cmd_env(args) -> int:
     return 0
 
 
-_COMMANDS = [_add_explain, _add_kv_table, _add_train, _add_generate, _add_viz, _add_heads, _add_bench, _add_compare,
-             _add_env]
+_COMMANDS = [_add_explain, _add_kv_table, _add_train, _add_generate, _add_viz, _add_heads, _add_export, _add_bench,
+             _add_compare, _add_env]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -312,8 +312,8 @@ def gpt_state_from_hf(tensors: dict[str, torch.Tensor], cfg: GPTConfig, model_ty
                       defaults: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """attnlab GPT parameters (the keys of ``defaults``, a model's state_dict) from HF checkpoint
     tensors. A parameter the family does not store keeps its default (DeepSeek-V2's router has no
-    balancing bias); every HF tensor must be used, except known buffers and DeepSeek-V3's
-    multi-token-prediction layer beyond n_layer."""
+    balancing bias); every HF tensor must be used, except known buffers, empty ones (DeepSeek's
+    zero-width shared expert) and DeepSeek-V3's multi-token-prediction layer beyond n_layer."""
     left = _as_saved(tensors, model_type)
     state, fused = {}, {}
     for key, default in defaults.items():
@@ -335,7 +335,7 @@ def gpt_state_from_hf(tensors: dict[str, torch.Tensor], cfg: GPTConfig, model_ty
             else:
                 value = _take(left, name.hf, model_type)
             state[key] = value.t() if name.transpose and value.dim() == 2 else value
-    unused = [k for k in left if not _IGNORED.search(k) and not _beyond_layers(k, cfg.n_layer)]
+    unused = [k for k, t in left.items() if t.numel() and not _IGNORED.search(k) and not _beyond_layers(k, cfg.n_layer)]
     if unused:
         raise ConfigError(f"the {model_type} checkpoint has weights attnlab would not use: {sorted(unused)[:5]}")
     return state
