@@ -148,3 +148,40 @@ def test_jupyter_iframe_renders(browser, weights):
     assert frame.locator("#head-svg g.head-lines").get_attribute("data-head") == "1"
     page.close()
     assert errors == []
+
+
+def test_generated_text_grows_the_head_view(browser, weights, tmp_path):
+    """A generated text (prompt of 3 tokens): the step slider shows the prompt, then one more token at a
+    time, with lines only between the tokens shown; play runs to the last token."""
+    path = AttentionView(TOKENS, weights, heads=[0, 1], prompt_length=3).save(tmp_path / "generated.html")
+    page = browser.new_page(viewport={"width": 1200, "height": 900})
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(path.as_uri())
+
+    def visible() -> list[int]:
+        return page.eval_on_selector_all("#head-svg g.tok-from", "gs => gs.filter(g => g.style.display !== 'none')"
+                                                                 ".map(g => Number(g.dataset.index))")
+
+    def set_step(n: int) -> None:
+        page.eval_on_selector("#step-range", "(r, n) => { r.value = String(n); r.dispatchEvent(new Event('input')); }", n)
+
+    assert page.is_visible("#steps") and visible() == list(range(len(TOKENS)))  # opens on the whole text
+    assert page.locator("#head-svg g.tok-from.generated").count() == len(TOKENS) - 3
+    for n in (3, 4, 6):
+        set_step(n)
+        assert visible() == list(range(n)) and page.get_attribute("#head-svg", "data-shown") == str(n)
+        lines = _lines(page)
+        assert lines and all(line["from"] < n and line["to"] < n for line in lines)
+        assert page.inner_text("#step-label") == f"{n - 3} / {len(TOKENS) - 3} generated"
+    newest = {line["to"] for line in _lines(page) if line["from"] == 5}
+    assert newest == {j for j in range(6) if weights[0][0, 0, 5, j] >= 0.002 or weights[0][0, 1, 5, j] >= 0.002}
+    page.click("#step-play")
+    page.wait_for_function(f"document.getElementById('head-svg').dataset.shown === '{len(TOKENS)}'", timeout=10000)
+    assert visible() == list(range(len(TOKENS)))
+    page.close()
+    assert errors == []
+
+
+def test_a_plain_text_has_no_step_control(page):
+    assert page.is_hidden("#steps")

@@ -296,14 +296,25 @@ def _add_viz(sub) -> None:
     p.add_argument("--layer", type=int, default=None, help="with --head: also write this head's PNG (0-based)")
     p.add_argument("--head", type=int, default=None, help="with --layer: the head to draw (0-based)")
     p.add_argument("--overwrite", action="store_true", help="replace files already in --out")
+    p.add_argument("--generate", type=int, default=0, metavar="N",
+                   help="continue TEXT by N tokens (greedy, with the KV cache) and show every generated token's "
+                        "attention; the page's head view grows token by token (decoders only; default 0: off)")
     p.set_defaults(func=_cmd_viz)
 
 
 def _cmd_viz(args) -> int:
-    tokenized, weights = load_attention_model(args.model).attention(args.text)
-    paths = save_views(tokenized.tokens, weights, args.out, title=f"{args.model}: {args.text}",
-                       layer=args.layer, head=args.head, overwrite=args.overwrite)
-    print(f"{len(tokenized.tokens)} tokens, {len(weights)} layers × {weights[0].size(1)} heads")
+    if args.generate < 0:
+        raise UserError(f"--generate={args.generate} is not allowed: expected N >= 0 generated tokens (0: off)")
+    model = load_attention_model(args.model)
+    if args.generate:
+        tokens, weights, prompt_length = model.attention_while_generating(args.text, args.generate)
+    else:
+        tokenized, weights = model.attention(args.text)
+        tokens, prompt_length = tokenized.tokens, None
+    paths = save_views(tokens, weights, args.out, title=f"{args.model}: {args.text}", layer=args.layer,
+                       head=args.head, overwrite=args.overwrite, prompt_length=prompt_length)
+    generated = "" if prompt_length is None else f" ({prompt_length} prompt + {len(tokens) - prompt_length} generated)"
+    print(f"{len(tokens)} tokens{generated}, {len(weights)} layers × {weights[0].size(1)} heads")
     for path in paths:
         print(f"wrote {path}")
     return 0

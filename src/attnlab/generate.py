@@ -6,7 +6,8 @@ the same tokens. Past ``block_size`` tokens the context is cropped to the last `
 as nanoGPT does; the cached path then re-fills a fresh cache with that window, so it stays
 equal to the uncached path. The cache holds only what this call can use: min(block_size,
 prompt + max_new_tokens) positions. Generation stops early once every sequence has produced
-one of ``stop_ids`` (e.g. the tokenizer's end-of-sequence token).
+one of ``stop_ids`` (e.g. the tokenizer's end-of-sequence token). :func:`generation_attention`
+records what every generated token attended to while decoding with the cache.
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+import torch.nn.functional as F
 
 from attnlab import _checks
 from attnlab import device as devices
+from attnlab.attention.record import record_attention
 from attnlab.data.tokenizer import load_tokenizer
 from attnlab.errors import ConfigError, InputTypeError
 from attnlab.models.base import read_config
@@ -118,6 +121,32 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.T
     when ``stop_ids`` ends the generation early."""
     new = list(stream_tokens(model, idx, max_new_tokens, **kwargs))
     return torch.cat([idx, torch.stack(new, dim=1)], dim=1) if new else idx
+
+
+def generation_attention(model, idx: torch.Tensor, max_new_tokens: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Greedy decoding with the KV cache while recording attention. Returns the ids (1, T) of the
+    prompt idx (1, T0) and its T - T0 = max_new_tokens continuation, and per layer the weights
+    (1, heads, T, T) whose row t is what token t attended to when it was fed: the prefill's rows,
+    then one row per cached step (keys after t are 0). Recording makes the cached steps run the
+    explicit kernel (the fused one never forms the weights); the rows equal those of one uncached
+    forward over the whole text."""
+    if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.size(0) != 1:
+        raise InputTypeError("idx must be a tensor (1, seq) of token ids: one prompt")
+    _checks.positive_int("max_new_tokens", max_new_tokens)
+    total = idx.size(1) + max_new_tokens
+    if total > model.config.block_size:
+        raise ConfigError(f"prompt of {idx.size(1)} tokens + max_new_tokens={max_new_tokens} = {total} exceeds the "
+                          f"context of {model.config.block_size}: one picture needs the whole text in one context")
+    rows, new = [], []
+    with record_attention(model) as rec:
+        # One step more than kept: its forward feeds the last kept token, which gives that token's row.
+        for step, token in enumerate(stream_tokens(model, idx, max_new_tokens + 1, temperature=0)):
+            rows.append(rec.weights)  # per layer: (1, H, T0, T0) for the prompt, then (1, H, 1, t + 1)
+            if step < max_new_tokens:
+                new.append(token)
+    weights = [torch.cat([F.pad(r[layer], (0, total - r[layer].size(-1))) for r in rows], dim=2)
+               for layer in range(len(rows[0]))]  # (1, H, T, T) each
+    return torch.cat([idx, torch.stack(new, dim=1)], dim=1), weights
 
 
 PRETRAINED = ("smollm2",)

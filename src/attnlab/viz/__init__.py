@@ -13,9 +13,10 @@ HTML_NAME = "attention.html"
 
 
 def save_views(tokens, weights, out_dir, *, title: str = "attention", layer: int | None = None,
-               head: int | None = None, overwrite: bool = False) -> list[Path]:
-    """Write the layer × head PNG grid, the interactive HTML page and, when ``layer`` and ``head``
-    are given, that head's own PNG into ``out_dir``. Checks every target before writing any, so
+               head: int | None = None, overwrite: bool = False, prompt_length: int | None = None) -> list[Path]:
+    """Write the layer × head PNG grid, the interactive HTML page (growing token by token after
+    ``prompt_length`` tokens for a generated text) and, when ``layer`` and ``head`` are given,
+    that head's own PNG into ``out_dir``. Checks every target before writing any, so
     an existing file (without ``overwrite``) leaves the folder untouched. Returns the paths."""
     if (layer is None) != (head is None):
         raise ConfigError(f"layer={layer!r}, head={head!r}: give both (one head's PNG) or neither")
@@ -23,7 +24,8 @@ def save_views(tokens, weights, out_dir, *, title: str = "attention", layer: int
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"out_dir={str(out_dir)!r} is a file: expected a folder for the pictures")
-    view = AttentionView(tokens, weights, title=title, layer=layer or 0, heads=None if head is None else [head])
+    view = AttentionView(tokens, weights, title=title, layer=layer or 0, heads=None if head is None else [head],
+                         prompt_length=prompt_length)
     single = plot_head(tokens, weights, layer, head, title=f"{title} · layer {layer} · head {head}") if layer is not None else None
     targets = [out_dir / GRID_NAME, out_dir / HTML_NAME]
     if single is not None:

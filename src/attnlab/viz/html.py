@@ -35,10 +35,12 @@ class AttentionView:
 
     tokens: list of str; weights: one tensor per layer, (1, heads, T, T) or (heads, T, T).
     view: which view opens first ("head" or "model"); layer/heads: what the head view shows first.
+    prompt_length: for a generated text, how many tokens were the prompt; the page then grows the
+    head view one generated token at a time (a step slider and a play button).
     """
 
     def __init__(self, tokens, weights, *, title: str = "attention", subtitle: str | None = None,
-                 view: str = "head", layer: int = 0, heads=None):
+                 view: str = "head", layer: int = 0, heads=None, prompt_length: int | None = None):
         stack = attention_stack(tokens, weights)
         n_layers, n_heads, seq, _ = stack.shape
         if view not in _VIEWS:
@@ -47,6 +49,10 @@ class AttentionView:
         heads = list(range(n_heads)) if heads is None else list(heads)
         for head in heads:
             _checks.index("heads", head, n_heads)
+        if prompt_length is not None and (isinstance(prompt_length, bool) or not isinstance(prompt_length, int)
+                                          or not 1 <= prompt_length <= seq):
+            raise ConfigError(f"prompt_length={prompt_length!r} is not allowed: expected an integer in 1..{seq}")
+        self.prompt_length = prompt_length
         self.tokens = list(tokens)
         self.weights = stack  # (layers, heads, T, T)
         self.title = title
@@ -63,6 +69,7 @@ class AttentionView:
             "view": self.view,
             "layer": self.layer,
             "heads": self.heads,
+            "prompt_length": self.prompt_length,
         }
         parts = {
             "TITLE": html.escape(self.title),

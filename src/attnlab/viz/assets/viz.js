@@ -1,6 +1,7 @@
 // attnlab attention views: a head view (lines between tokens, one colour per head) and a
 // model view (every layer x head as a small heatmap). All data comes from the JSON block in the
-// page; tokens are only ever written with textContent, never parsed as HTML.
+// page; tokens are only ever written with textContent, never parsed as HTML. When the text was
+// generated (data.prompt_length set), a step control grows the head view one token at a time.
 (function () {
   "use strict";
 
@@ -16,7 +17,9 @@
     heads: new Set(data.heads),
     focus: null, // {side: "from" | "to", index}
     pinned: false,
+    shown: T, // tokens the head view shows: the prompt and the first generated ones
   };
+  const promptLength = data.prompt_length === null ? T : data.prompt_length;
 
   const svg = document.getElementById("head-svg");
   const NS = svg.namespaceURI;
@@ -72,7 +75,8 @@
   const tokenGroups = { from: [], to: [] };
   for (const side of ["from", "to"]) {
     for (let i = 0; i < T; i++) {
-      const g = svgNode("g", { class: "tok tok-" + side, "data-side": side, "data-index": i }, svg);
+      const kind = i >= promptLength ? " generated" : "";
+      const g = svgNode("g", { class: "tok tok-" + side + kind, "data-side": side, "data-index": i }, svg);
       const x = side === "from" ? 0 : lineEnd;
       svgNode("rect", { class: "token-bg", x: x + 2, y: TOP + i * ROW + 1, width: labelWidth - 4, height: ROW - 2, rx: 4 }, g);
       svgNode("text", {
@@ -99,8 +103,8 @@
     const layer = W[state.layer];
     for (const h of [...state.heads].sort((a, b) => a - b)) {
       const g = svgNode("g", { class: "head-lines", "data-head": h, stroke: headColour(h) }, linesGroup);
-      for (let i = 0; i < T; i++) {
-        for (let j = 0; j < T; j++) {
+      for (let i = 0; i < state.shown; i++) {
+        for (let j = 0; j < state.shown; j++) {
           const w = layer[h][i][j];
           if (w < minWeight) continue;
           svgNode("line", {
@@ -151,7 +155,7 @@
     const layer = W[state.layer];
     for (const h of [...state.heads].sort((a, b) => a - b)) {
       const pairs = [];
-      for (let k = 0; k < T; k++) {
+      for (let k = 0; k < state.shown; k++) {
         pairs.push([k, f.side === "from" ? layer[h][f.index][k] : layer[h][k][f.index]]);
       }
       pairs.sort((a, b) => b[1] - a[1]);
@@ -212,6 +216,39 @@
     syncControls();
     drawLines();
   });
+
+  // ---- steps of a generated text ---------------------------------------------------------
+  const stepRange = document.getElementById("step-range");
+  const stepLabel = document.getElementById("step-label");
+  let playing = null;
+  function showTokens(n) {
+    state.shown = n;
+    for (const side of ["from", "to"]) {
+      tokenGroups[side].forEach((g, i) => { g.style.display = i < n ? "" : "none"; });
+    }
+    if (state.focus !== null && state.focus.index >= n) {
+      state.focus = null;
+      state.pinned = false;
+    }
+    stepRange.value = String(n);
+    stepLabel.textContent = (n - promptLength) + " / " + (T - promptLength) + " generated";
+    svg.setAttribute("data-shown", String(n));
+    drawLines();
+  }
+  if (promptLength < T) {
+    document.getElementById("steps").hidden = false;
+    stepRange.min = String(promptLength);
+    stepRange.max = String(T);
+    stepRange.addEventListener("input", () => showTokens(Number(stepRange.value)));
+    document.getElementById("step-play").addEventListener("click", () => {
+      if (playing !== null) { clearInterval(playing); playing = null; return; }
+      showTokens(promptLength);
+      playing = setInterval(() => {
+        if (state.shown >= T) { clearInterval(playing); playing = null; return; }
+        showTokens(state.shown + 1);
+      }, 700);
+    });
+  }
 
   function syncControls() {
     layerSelect.value = String(state.layer);
@@ -281,6 +318,6 @@
   document.getElementById("title").textContent = data.title;
   document.getElementById("subtitle").textContent = data.subtitle;
   syncControls();
-  drawLines();
+  if (promptLength < T) showTokens(T); else drawLines();
   showView(state.view);
 })();
