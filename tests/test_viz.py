@@ -144,4 +144,4 @@ def test_cli_viz_unknown_model(tmp_path, capsys):
     from attnlab.cli import main
 
     assert main(["viz", "hello", "--model", "gpt-5", "--out", str(tmp_path / "o")]) == 2
-    assert "model='gpt-5' is not allowed: expected 'minilm', 'smollm2' an attnlab checkpoint folder or a local HF checkpoint folder" in capsys.readouterr().err
+    assert "model='gpt-5' is not allowed: expected 'minilm', 'smollm2', an attnlab checkpoint folder or a local HF checkpoint folder" in capsys.readouterr().err
