@@ -57,6 +57,9 @@ def check_rope_scaling(scaling: dict | None) -> dict | None:
         raise ConfigError(f"rope_scaling={scaling!r} lacks {', '.join(missing)}: rope_type={kind!r} needs {ROPE_SCALINGS[kind]}")
     checked = {"rope_type": kind, **{key: _checks.positive(f"rope_scaling[{key!r}]", scaling[key])
                                      for key in ROPE_SCALINGS[kind]}}
+    if "original_max_position_embeddings" in checked:  # a context length: kept an integer
+        checked["original_max_position_embeddings"] = _checks.positive_int(
+            "rope_scaling['original_max_position_embeddings']", scaling["original_max_position_embeddings"])
     if kind == "llama3" and not checked["high_freq_factor"] > checked["low_freq_factor"]:
         raise ConfigError(f"rope_scaling={scaling!r}: high_freq_factor must exceed low_freq_factor")
     return checked

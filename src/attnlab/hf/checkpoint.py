@@ -338,6 +338,28 @@ def gpt_state_from_hf(tensors: dict[str, torch.Tensor], cfg: GPTConfig, model_ty
     unused = [k for k, t in left.items() if t.numel() and not _IGNORED.search(k) and not _beyond_layers(k, cfg.n_layer)]
     if unused:
         raise ConfigError(f"the {model_type} checkpoint has weights attnlab would not use: {sorted(unused)[:5]}")
+    return rescale_latent_inputs(state, cfg, to_attnlab=True)
+
+
+HF_LATENT_NORM_EPS = 1e-6  # transformers' DeepSeek q_a/kv_a_layernorm ignore rms_norm_eps
+
+
+def rescale_latent_inputs(state: dict[str, torch.Tensor], cfg: GPTConfig, to_attnlab: bool) -> dict:
+    """MLA's latent norms run with norm_eps in attnlab but eps 1e-6 in transformers' DeepSeek. RMSNorm
+    ignores the scale of its input except through eps: RMSNorm_eps(c·z) = RMSNorm_{eps/c²}(z), so rows
+    that produce the latents scaled by c = √(norm_eps / 1e-6) (wq_a, and the c_kv rows of wkv_a)
+    make both compute the same function. ``to_attnlab``: HF weights in, else attnlab weights out."""
+    if cfg.attention != "mla" or cfg.norm_eps == HF_LATENT_NORM_EPS:
+        return state
+    scale = (cfg.norm_eps / HF_LATENT_NORM_EPS) ** 0.5
+    scale = scale if to_attnlab else 1 / scale
+    state = dict(state)
+    for i in range(cfg.n_layer):
+        if cfg.q_lora_rank:
+            state[f"blocks.{i}.attn.wq_a.weight"] = state[f"blocks.{i}.attn.wq_a.weight"] * scale
+        wkv_a = state[f"blocks.{i}.attn.wkv_a.weight"].clone()  # (kv_lora_rank + rope dims, d): c_kv rows first
+        wkv_a[:cfg.kv_lora_rank] *= scale
+        state[f"blocks.{i}.attn.wkv_a.weight"] = wkv_a
     return state
 
 

@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 from attnlab.attention.rope import interleaved_to_half
 from attnlab.errors import ConfigError
 from attnlab.files import write_json
-from attnlab.hf.checkpoint import SAFETENSORS_NAME, expert_names, hf_name
+from attnlab.hf.checkpoint import SAFETENSORS_NAME, expert_names, hf_name, rescale_latent_inputs
 from attnlab.hf.tokenizer import save_hf_tokenizer
 from attnlab.models.base import load_pretrained, load_tokenizer_from
 from attnlab.models.gpt import GPT, GPTConfig
@@ -165,7 +165,7 @@ def hf_state(state: dict[str, torch.Tensor], cfg: GPTConfig, model_type: str) ->
     """A GPT's state_dict under ``model_type``'s HF names (the tables of :mod:`attnlab.hf.checkpoint`)."""
     if cfg.attention == "wrapper":
         state, cfg = _wrapper_as_mha(state, cfg)
-    state = _with_zero_biases(state, cfg, model_type)
+    state = rescale_latent_inputs(_with_zero_biases(state, cfg, model_type), cfg, to_attnlab=False)
     if model_type == "deepseek_v2" and any(t.any() for k, t in state.items() if k.endswith("ffn.gate.bias")):
         raise _refuse("a non-zero router bias", "DeepSeek-V2's router has no balancing bias")
     out, fused = {}, {}

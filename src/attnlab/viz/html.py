@@ -56,7 +56,8 @@ class AttentionView:
         self.tokens = list(tokens)
         self.weights = stack  # (layers, heads, T, T)
         self.title = title
-        self.subtitle = subtitle or f"{seq} tokens · {n_layers} layers × {n_heads} heads"
+        generated = "" if prompt_length is None else f" ({prompt_length} prompt + {seq - prompt_length} generated)"
+        self.subtitle = subtitle or f"{seq} tokens{generated} · {n_layers} layers × {n_heads} heads"
         self.view, self.layer, self.heads = view, layer, heads
 
     def to_html(self) -> str:
