@@ -25,7 +25,7 @@ from attnlab.compare import LABELS, PRESETS, CompareConfig, compare
 from attnlab.env import environment, format_environment
 from attnlab.errors import UserError
 from attnlab.explain import STEPS, explain
-from attnlab.generate import PRETRAINED, generate_text
+from attnlab.generate import PRETRAINED, attention_while_generating, generate_text
 from attnlab.hf.export import export_hf
 from attnlab.kvtable import (
     BUILTIN_CONFIGS, DTYPES, KV_HEADERS, SMALL_HEADERS, kv_table, kv_title, small_model_caches, table_cells, to_markdown,
@@ -307,7 +307,7 @@ def _cmd_viz(args) -> int:
         raise UserError(f"--generate={args.generate} is not allowed: expected N >= 0 generated tokens (0: off)")
     model = load_attention_model(args.model)
     if args.generate:
-        tokens, weights, prompt_length = model.attention_while_generating(args.text, args.generate)
+        tokens, weights, prompt_length = attention_while_generating(model, args.text, args.generate)
     else:
         tokenized, weights = model.attention(args.text)
         tokens, prompt_length = tokenized.tokens, None

@@ -149,6 +149,21 @@ def generation_attention(model, idx: torch.Tensor, max_new_tokens: int) -> tuple
     return torch.cat([idx, torch.stack(new, dim=1)], dim=1), weights
 
 
+def attention_while_generating(source, text: str, max_new_tokens: int) -> tuple[list[str], list[torch.Tensor], int]:
+    """Continue ``text`` greedily by ``max_new_tokens`` tokens with the KV cache, for ``source`` an
+    :class:`~attnlab.models.pretrained.AttentionModel` holding a GPT. Returns every token (prompt,
+    then generated), one (1, heads, T, T) tensor per layer whose rows are what each token attended to
+    when it was fed (:func:`generation_attention`), and the number of prompt tokens."""
+    if not isinstance(source.model, GPT):
+        raise ConfigError(f"{source.name} is a {type(source.model).__name__}, not a decoder: attention over generated "
+                          "tokens needs a GPT (smollm2, a trained attnlab GPT or an HF decoder folder)")
+    prompt = source.tokenize(text)
+    device = next(source.model.parameters()).device
+    ids, weights = generation_attention(source.model, torch.tensor([prompt.ids], device=device), max_new_tokens)
+    generated = [source.tokenizer.decode([i]) for i in ids[0, len(prompt.ids):].tolist()]
+    return prompt.tokens + generated, [w.float().cpu() for w in weights], len(prompt.ids)
+
+
 PRETRAINED = ("smollm2",)
 
 

@@ -17,14 +17,12 @@ from torch import nn
 from attnlab.attention.record import RecordsAttention, record_attention
 from attnlab.data.tokenizer import Tokenized, WordPieceTokenizer, tokenize
 from attnlab.errors import ConfigError, InputTypeError
-from attnlab.generate import generation_attention
 from attnlab.hf.bert import load_minilm
 from attnlab.hf.checkpoint import from_hf_pretrained, hf_model_type
 from attnlab.hf.tokenizer import hf_tokenizer
 from attnlab.hf.smollm2 import load_smollm2
 from attnlab.models.base import load_pretrained, load_tokenizer_from
 from attnlab.models.encoder import Encoder
-from attnlab.models.gpt import GPT
 
 NAMES = ("minilm", "smollm2")
 
@@ -56,19 +54,6 @@ class AttentionModel:
                 "shorten the text"
             )
         return tokenized
-
-    def attention_while_generating(self, text: str, max_new_tokens: int) -> tuple[list[str], list[torch.Tensor], int]:
-        """Continue ``text`` greedily by ``max_new_tokens`` tokens with the KV cache; returns every
-        token (prompt, then generated), one (1, heads, T, T) tensor per layer whose rows are what
-        each token attended to when it was fed, and the number of prompt tokens."""
-        if not isinstance(self.model, GPT):
-            raise ConfigError(f"{self.name} is a {type(self.model).__name__}, not a decoder: attention over generated "
-                              "tokens needs a GPT (smollm2, a trained attnlab GPT or an HF decoder folder)")
-        prompt = self.tokenize(text)
-        device = next(self.model.parameters()).device
-        ids, weights = generation_attention(self.model, torch.tensor([prompt.ids], device=device), max_new_tokens)
-        generated = [self.tokenizer.decode([i]) for i in ids[0, len(prompt.ids):].tolist()]
-        return prompt.tokens + generated, [w.float().cpu() for w in weights], len(prompt.ids)
 
     @torch.no_grad()
     def attention(self, text: str) -> tuple[Tokenized, list[torch.Tensor]]:
