@@ -1,9 +1,10 @@
 """Attention modules: the lecture path, the kernel, and recording of per-head weights.
 (HF transformers attention modules convert to these with :func:`attnlab.hf.from_hf`.)"""
 
+from attnlab.attention.additive import AdditiveAttention
 from attnlab.attention.cache import KVCache, LatentKVCache
 from attnlab.attention.gqa import GroupedQueryAttention
-from attnlab.attention.kernel import attend, causal_mask
+from attnlab.attention.kernel import attend, attend_scores, causal_mask
 from attnlab.attention.lecture import (
     CausalAttention,
     MultiHeadAttention,
@@ -18,6 +19,7 @@ from attnlab.attention.rope import RotaryEmbedding, apply_rope
 
 __all__ = [
     "attend",
+    "attend_scores",
     "causal_mask",
     "simple_self_attention",
     "SelfAttentionV1",
@@ -34,4 +36,5 @@ __all__ = [
     "apply_rope",
     "KVCache",
     "LatentKVCache",
+    "AdditiveAttention",
 ]

@@ -120,10 +120,20 @@ def _explicit(q, k, v, causal, mask, dropout_p, scale):
     scores = scores.reshape(batch, n_heads, q_len, k_len) * scale
     if causal:
         scores = scores.masked_fill(~causal_mask(q_len, k_len, q.device), float("-inf"))
+    return attend_scores(scores, v, mask=mask, dropout_p=dropout_p)
+
+
+def attend_scores(scores: torch.Tensor, v: torch.Tensor, *, mask: torch.Tensor | None = None,
+                  dropout_p: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masked softmax of ready-made scores (B, H, Tq, Tk) and the weighted sum of v (B, Hkv, Tk, Dv):
+    the explicit path's second half, also for scores that are not a dot product (Bahdanau's
+    additive score). Returns (context (B, H, Tq, Dv), weights (B, H, Tq, Tk) before dropout)."""
+    batch, n_heads, q_len, k_len = scores.shape
+    n_kv_heads = v.size(1)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     weights = torch.softmax(scores, dim=-1)
     dropped = F.dropout(weights, dropout_p, training=True) if dropout_p > 0 else weights
-    dropped = dropped.reshape(batch, n_kv_heads, group, q_len, k_len)
+    dropped = dropped.reshape(batch, n_kv_heads, n_heads // n_kv_heads, q_len, k_len)
     context = (dropped @ v.unsqueeze(2)).reshape(batch, n_heads, q_len, v.size(-1))
     return context, weights

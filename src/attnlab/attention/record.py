@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from attnlab.attention.kernel import attend
+from attnlab.attention.kernel import attend, attend_scores
 
 
 class RecordsAttention:
@@ -32,6 +32,13 @@ class RecordsAttention:
         context, weights = attend(
             q, k, v, need_weights=self._recording, fused=self.fused, **kwargs
         )
+        if self._recording:
+            self.last_attention = weights.detach()
+        return context
+
+    def _attend_scores(self, scores, v, **kwargs) -> torch.Tensor:
+        """Like ``_attend`` for scores computed by the module itself (:func:`attend_scores`)."""
+        context, weights = attend_scores(scores, v, **kwargs)
         if self._recording:
             self.last_attention = weights.detach()
         return context
