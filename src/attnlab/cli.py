@@ -31,9 +31,10 @@ from attnlab.kvtable import (
     BUILTIN_CONFIGS, DTYPES, KV_HEADERS, SMALL_HEADERS, kv_table, kv_title, small_model_caches, table_cells, to_markdown,
 )
 from attnlab.models.gpt import GPTConfig
+from attnlab.models.rnn import RNNConfig
 from attnlab.models.pretrained import load_attention_model
 from attnlab.recipes import RECIPES, recipe
-from attnlab.train import train
+from attnlab.train import MODEL_TYPES, train
 from attnlab.trainer import TrainConfig
 from attnlab.viz import save_views
 from attnlab.word_attention import attention_between
@@ -116,12 +117,12 @@ def _cmd_kv_table(args) -> int:
     return 0
 
 
-def _config_flags(parser, cls, prefix: str) -> None:
+def _config_flags(parser, cls, prefix: str, skip=()) -> None:
     """One --flag per field of the config dataclass ``cls`` that offers one (``attnlab.options.option``):
     its help and choices come from the field's metadata; flags not given stay absent, so the
-    library (or the checkpoint resumed) supplies the value."""
+    library (or the checkpoint resumed) supplies the value. Fields named in ``skip`` get none."""
     for f in dataclasses.fields(cls):
-        if not f.metadata.get("flag", True):
+        if not f.metadata.get("flag", True) or f.name in skip:
             continue
         kind = str(f.type).split(" ")[0]  # "int | None" -> "int"
         meaning = f.metadata.get("help", f.name.replace("_", " "))
@@ -167,7 +168,7 @@ def command_line() -> str:
 
 def _add_train(sub) -> None:
     p = sub.add_parser(
-        "train", help="train a GPT (attention/FFN/positions/norm by flag) on a text corpus",
+        "train", help="train a GPT (attention/FFN/positions/norm by flag) or another LM (--model-type) on a text corpus",
         description="Train a GPT with AdamW, warmup + cosine decay, clipping, accumulation, bf16 autocast, "
                     "periodic eval and atomic checkpoints. Under torchrun it trains with DDP.",
     )
@@ -178,7 +179,11 @@ def _add_train(sub) -> None:
     p.add_argument("--recipe", default=None, choices=list(RECIPES),
                    help="start from a named recipe (" + "; ".join(f"{n}: {r.description}" for n, r in RECIPES.items())
                         + "); flags given with it override its fields")
+    p.add_argument("--model-type", default=None, choices=MODEL_TYPES,
+                   help="the language model to train (default: gpt); rnn takes --cell and the shared size flags")
     _config_flags(p.add_argument_group("model (GPTConfig)"), GPTConfig, "model")
+    gpt_fields = [f.name for f in dataclasses.fields(GPTConfig)]
+    _config_flags(p.add_argument_group("recurrent model (RNNConfig, --model-type rnn)"), RNNConfig, "model", gpt_fields)
     _config_flags(p.add_argument_group("training (TrainConfig)"), TrainConfig, "train")
     p.set_defaults(func=_cmd_train)
 
@@ -218,6 +223,8 @@ def _cmd_train(args) -> int:
             raise UserError("--recipe starts a run; --resume continues one with its saved settings: pass one of them")
         chosen = recipe(args.recipe)
         model, config = {**chosen.model, **model}, {**chosen.train, **config}
+    if args.model_type is not None:
+        model["model_type"] = args.model_type
     main_process = os.environ.get("RANK", "0") == "0"
     progress = _TrainProgress(main_process and not args.quiet)
     try:

@@ -1,4 +1,4 @@
-"""Sampling text from a GPT: temperature, top-k, top-p, a seed, and the KV cache.
+"""Sampling text from a GPT (or a recurrent LM): temperature, top-k, top-p, a seed, and the KV cache.
 
 With the cache, the prompt is run once (prefill) and every new token costs one position;
 without it, every step recomputes the whole (cropped) context. At temperature 0 both give
@@ -23,8 +23,8 @@ from attnlab import device as devices
 from attnlab.attention.record import record_attention
 from attnlab.data.tokenizer import load_tokenizer
 from attnlab.errors import ConfigError, InputTypeError
-from attnlab.models.base import read_config
-from attnlab.models.gpt import MODEL_TYPE, GPT
+from attnlab.models.base import load_pretrained, read_config
+from attnlab.models.gpt import GPT
 from attnlab.hf.checkpoint import DECODERS, from_hf_pretrained, hf_model_type
 from attnlab.hf.smollm2 import load_smollm2
 from attnlab.hf.tokenizer import hf_tokenizer
@@ -165,10 +165,11 @@ def attention_while_generating(source, text: str, max_new_tokens: int) -> tuple[
 
 
 PRETRAINED = ("smollm2",)
+GENERATES = ("gpt", "rnn")  # model types with new_caches(): a GPT's KV caches, an RNN's recurrent state
 
 
 def load_for_generation(folder, *, device: str = "auto", dtype: str = "auto"):
-    """(model, tokenizer) from a run or save_pretrained folder, a local HF decoder folder
+    """(model, tokenizer) from a run or save_pretrained folder of a GPT or recurrent LM, a local HF decoder folder
     (Llama/Qwen2/GPT-2/DeepSeek, with tokenizer.json) or the pretrained "smollm2", on ``device``
     with weights in ``dtype`` ("auto": bf16 only where it measured faster than fp32 here); any
     other architecture is refused."""
@@ -186,11 +187,12 @@ def load_for_generation(folder, *, device: str = "auto", dtype: str = "auto"):
         if tokenizer is None:
             raise ConfigError(f"HF folder {str(folder)!r} has no tokenizer.json: it is needed to encode the prompt")
         return from_hf_pretrained(folder, dtype=precision.torch_dtype, device=dev), tokenizer
-    if model_type != MODEL_TYPE:
-        raise ConfigError(f"{str(folder)!r} holds a {model_type!r} model: attnlab generate needs a {MODEL_TYPE!r} model")
+    if model_type not in GENERATES:
+        raise ConfigError(f"{str(folder)!r} holds a {model_type!r} model: attnlab generate needs one of "
+                          f"{', '.join(map(repr, GENERATES))}")
     if not (folder / "tokenizer.json").is_file():
         raise ConfigError(f"{str(folder)!r} has no tokenizer.json: it is needed to encode the prompt")
-    model = GPT.from_pretrained(folder, map_location=dev).to(precision.torch_dtype)
+    model = load_pretrained(folder, map_location=dev).to(precision.torch_dtype)
     return model, load_tokenizer(folder)
 
 

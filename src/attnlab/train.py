@@ -33,6 +33,7 @@ from attnlab.trainer import CHECKPOINT, METRICS, Trainer, TrainConfig, init_dist
 log = logging.getLogger("attnlab")
 
 TRAIN_CONFIG = "train_config.json"
+MODEL_TYPES = ("gpt", "mlp", "rnn")  # the registered language models (models.base.model_class) this trainer runs
 DATA = "data"
 _RUN_FILES = (CHECKPOINT, METRICS, CONFIG_NAME, "model.safetensors", "tokenizer.json", TRAIN_CONFIG)
 

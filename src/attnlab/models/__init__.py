@@ -7,6 +7,7 @@ from attnlab.models.encoder import Encoder, EncoderConfig
 from attnlab.models.gpt import GPT, GPTConfig
 from attnlab.models.mlp import MLPLM, MLPConfig
 from attnlab.models.ngram import NGramConfig, NGramLM
+from attnlab.models.rnn import RNNConfig, RNNLM
 
 __all__ = [
     "SaveLoadMixin",
@@ -23,4 +24,6 @@ __all__ = [
     "NGramConfig",
     "MLPLM",
     "MLPConfig",
+    "RNNLM",
+    "RNNConfig",
 ]
