@@ -1,11 +1,17 @@
 import json
 import re
 
+import numpy as np
 import pytest
+import torch
 
 from attnlab.cli import main
-from attnlab.compare import CompareConfig, compare, gpt_config, parse_budget
-from attnlab.compare.report import TABLE_HEADERS, table_values
+from attnlab.compare import DEFAULT_MODELS, CompareConfig, compare, gpt_config, parse_budget
+from attnlab.compare.report import TABLE_HEADERS, in_context_positions, position_rows, table_values
+from attnlab.compare.run import position_nll, score
+from attnlab.data.tokenizer import CharTokenizer
+from attnlab.models.ngram import NGramLM
+from attnlab.models.rnn import RNNConfig, RNNLM
 from attnlab.models.base import count_params
 from attnlab.errors import ConfigError
 from attnlab.models.gpt import GPT, GPTConfig
@@ -53,7 +59,7 @@ def test_tiny_comparison_writes_a_full_report_whose_numbers_match_the_run_files(
     moe = _row(md, "GPT · MLA + MoE")
     assert int(moe["params (active)"].replace(",", "")) < int(moe["params (total)"].replace(",", ""))
     assert moe["KV cache B/token"] != "—" and moe["decode tok/s"] != "—"
-    for section in ("## Results", "## Val loss vs wall time", "## Val loss vs training tokens", "## KV cache vs val loss",
+    for section in ("## Results", "## Loss by position in the context", "## Val loss vs wall time", "## Val loss vs training tokens", "## KV cache vs val loss",
                     "## MoE expert load over training", "## Samples", "## Attention heatmaps", "## Run"):
         assert section in md
     assert md.count("```text\nROMEO:\n") == 3  # one sample per model, same prompt
@@ -62,8 +68,9 @@ def test_tiny_comparison_writes_a_full_report_whose_numbers_match_the_run_files(
     page = (out / "report.html").read_text()
     assert not re.search(r"https?:|<script|<link|@import|url\(", page, re.I)
     images = re.findall(r'src="data:image/png;base64,', page)
-    assert len(images) == 5  # loss vs time, vs tokens, KV trade-off, MoE load, attention
-    for png in ("loss_vs_time.png", "loss_vs_tokens.png", "kv_tradeoff.png", "moe_load.png", "attention.png"):
+    assert len(images) == 6  # loss by position, loss vs time, vs tokens, KV trade-off, MoE load, attention
+    for png in ("loss_by_position.png", "loss_vs_time.png", "loss_vs_tokens.png", "kv_tradeoff.png", "moe_load.png",
+                "attention.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
 
 
@@ -145,3 +152,52 @@ def test_the_same_seed_gives_the_same_losses(corpus, tmp_path):
         curves = [[json.loads(row)["train_loss"] for row in (tmp_path / run / name / "metrics.jsonl").read_text().splitlines()]
                   for run in ("a", "b")]
         assert curves[0] == curves[1] and len(curves[0]) > 1
+
+
+def test_the_ngrams_loss_by_position_is_its_uncut_loss_once_it_has_seen_n_minus_1_tokens():
+    rng = np.random.default_rng(0)
+    stream = rng.integers(0, 5, 3000) // np.maximum(1, rng.integers(0, 3, 3000))  # skewed, so contexts matter
+    model = NGramLM(5, n=4).fit(stream[:2500])
+    starts = np.arange(2500, 2960, 23)
+    windows = torch.from_numpy(np.stack([stream[s:s + 33] for s in starts]))  # (W, T + 1) with T = 32
+    cut = position_nll(model, windows) / len(windows)  # (T,): each window read on its own
+    uncut = -np.log(model.token_probs(stream))  # every token with its full n - 1 tokens of history
+    full = np.mean([uncut[s + 1:s + 33] for s in starts], axis=0)  # the same targets, scored in the stream
+    np.testing.assert_allclose(cut[4 - 2:], full[4 - 2:], rtol=1e-12)  # from position n - 2 on: n - 1 tokens seen
+    assert not np.allclose(cut[:4 - 2], full[:4 - 2], rtol=1e-3)  # before it, the cut history changes the scores
+
+
+def test_a_models_mean_loss_over_positions_is_its_val_loss():
+    torch.manual_seed(0)
+    model = RNNLM(RNNConfig(vocab_size=7, cell="lstm", n_layer=1, d_model=8, block_size=16))
+    tokenizer = CharTokenizer.from_text("abcdefg")
+    windows = torch.randint(0, 7, (40, 17))
+    result = score(model, windows, tokenizer)
+    assert len(result["loss_by_position"]) == 16
+    assert np.mean(result["loss_by_position"]) == pytest.approx(result["val_loss"], rel=1e-12)
+    with torch.no_grad():
+        _, loss = model(windows[:, :-1], windows[:, 1:])
+    assert result["val_loss"] == pytest.approx(float(loss), rel=1e-5)
+
+
+def test_in_context_positions_and_table():
+    assert in_context_positions(512) == (50, 500) and in_context_positions(128) == (12, 125)
+    losses = [3.0] * 10 + [2.0] * 5 + [1.5] * 108 + [1.0] * 5  # 128 positions: bands 10–14 and 123–127
+    headers, rows = position_rows({"lstm": {"label": "LSTM", "loss_by_position": losses}, "x": {"label": "no curve"}})
+    assert headers[-1] == "in-context score (123–127 − 10–14)" and rows == [["LSTM", "3.0000", "2.0000", "1.0000", "-1.0000"]]
+    _, rows = position_rows({"lstm": {"label": "LSTM", "loss_by_position": [2.0, 1.0, 0.5] * 10}})  # 30: single positions
+    assert rows == [["LSTM", "2.0000", "2.0000", "0.5000", "-1.5000"]]  # positions 3 and 29
+
+
+def test_an_rnn_in_the_family_shows_its_state_in_the_cache_columns(corpus, tmp_path):
+    assert "lstm" in DEFAULT_MODELS and CompareConfig().models == DEFAULT_MODELS
+    out = tmp_path / "cmp"
+    summary = compare(out, {**TINY, "models": ("gru", "mha"), "budget": "3ktok", "corpus": corpus})
+    gru = summary["results"]["gru"]
+    assert gru["status"] == "ok" and gru["state_bytes"] == 1 * 16 * 4  # n_layer · d_model · fp32, batch 1
+    assert "kv_bytes_per_token" not in gru
+    md = (out / "report.md").read_text()
+    row = _row(md, "GRU")
+    assert row["KV cache B/token"] == row["KV cache @ context"] == "64 B state"
+    assert _row(md, "GPT · MHA")["KV cache B/token"] == "128 B"  # K and V: 2 · 16 dims · fp32, 1 layer
+    assert md.count("| GRU |") == 2  # the results table and the loss-by-position table

@@ -3,6 +3,7 @@ same way, and written up as report.md + report.html (see :mod:`attnlab.compare.l
 
 from attnlab.compare.report import write_report
 from attnlab.compare.run import (
+    DEFAULT_MODELS,
     GPT_MODELS,
     LABELS,
     MODELS,
@@ -13,5 +14,5 @@ from attnlab.compare.run import (
     parse_budget,
 )
 
-__all__ = ["CompareConfig", "compare", "gpt_config", "parse_budget", "write_report", "MODELS", "GPT_MODELS",
+__all__ = ["CompareConfig", "compare", "gpt_config", "parse_budget", "write_report", "MODELS", "DEFAULT_MODELS", "GPT_MODELS",
            "LABELS", "PRESETS"]

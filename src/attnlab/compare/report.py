@@ -8,23 +8,21 @@ from the folder alone with :func:`write_report`.
 
 from __future__ import annotations
 
-import base64
-import html
 import json
 import math
 import statistics
 from pathlib import Path
 
-from attnlab.bench.results import markdown_table
-from attnlab.compare.layout import (ATTENTION_PNG, KV_PNG, LOSS_TIME_PNG, LOSS_TOKENS_PNG, MOE_PNG, REPORT_HTML,
-                                    REPORT_MD, RESULT, RUN_INFO)
+from attnlab.compare.layout import (ATTENTION_PNG, KV_PNG, LOSS_POSITION_PNG, LOSS_TIME_PNG, LOSS_TOKENS_PNG, MOE_PNG,
+                                    REPORT_HTML, REPORT_MD, RESULT, RUN_INFO)
 from attnlab.device import describe_machine
 from attnlab.files import read_jsonl, write_text
+from attnlab.report_blocks import new_figure, render_html, render_markdown, save_figure
 from attnlab.trainer import METRICS
 TABLE_HEADERS = ["model", "status", "params (total)", "params (active)", "val loss", "perplexity", "bits/char",
                  "train tok/s", "wall time", "steps", "train tokens", "KV cache B/token", "KV cache @ context",
                  "decode tok/s"]
-_COLORS = {"ngram": "#7f7f7f", "mlp": "#8c564b", "mha": "#1f77b4", "gqa": "#2ca02c", "mqa": "#bcbd22",
+_COLORS = {"ngram": "#7f7f7f", "mlp": "#8c564b", "rnn": "#17becf", "lstm": "#e377c2", "gru": "#393b79", "mha": "#1f77b4", "gqa": "#2ca02c", "mqa": "#bcbd22",
            "mla": "#d62728", "mha-moe": "#9467bd", "mla-moe": "#ff7f0e"}
 
 
@@ -49,7 +47,7 @@ def table_values(result: dict) -> dict:
     rows = result["metrics"]
     values = {key: result.get(key) for key in ("params_total", "params_active", "val_loss", "perplexity",
                                                "bits_per_char", "kv_bytes_per_token", "kv_bytes_full_context",
-                                               "decode_tokens_per_s", "steps", "tokens")}
+                                               "decode_tokens_per_s", "steps", "tokens", "state_bytes")}
     if result["model"] == "ngram":
         tried = result.get("orders_tried", {})
         values["wall_s"] = sum(t["fit_s"] for t in tried.values()) if tried else None
@@ -89,25 +87,18 @@ def table_rows(results: dict) -> list[list[str]]:
         v = table_values(result)
         status = result["status"] if result["status"] == "ok" else f"**{result['status']}**: {result.get('note', '')}"
         label = result["label"] + (f" (n={result['n']})" if name == "ngram" else "")
+        cache = [_bytes(v["kv_bytes_per_token"]), _bytes(v["kv_bytes_full_context"])]
+        if v["state_bytes"] is not None:  # a recurrent state: one size, whatever the context length
+            cache = [f"{_bytes(v['state_bytes'])} state"] * 2
         rows.append([label, status, _num(v["params_total"]), _num(v["params_active"]), _num(v["val_loss"], 4),
                      _num(v["perplexity"], 2), _num(v["bits_per_char"], 3), _num(v["tokens_per_s"]),
-                     _seconds(v["wall_s"]), _num(v["steps"]), _num(v["tokens"]), _bytes(v["kv_bytes_per_token"]),
-                     _bytes(v["kv_bytes_full_context"]), _num(v["decode_tokens_per_s"])])
+                     _seconds(v["wall_s"]), _num(v["steps"]), _num(v["tokens"]), *cache,
+                     _num(v["decode_tokens_per_s"])])
     return rows
 
 
-def _figure(width: float, height: float):
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=(width, height), layout="constrained")
-
-
-def _save(fig, path: Path) -> None:
-    fig.savefig(path, dpi=110, metadata={"Software": None})
-
-
 def _curves(results: dict, path: Path, x_key: str, x_label: str) -> None:
-    fig = _figure(7.5, 4.6)
+    fig = new_figure(7.5, 4.6)
     ax = fig.subplots()
     for name, result in results.items():
         color = _COLORS.get(name)
@@ -133,11 +124,64 @@ def _curves(results: dict, path: Path, x_key: str, x_label: str) -> None:
     ax.set_title("val loss during training (★ = final score on the fixed val windows)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper right")
-    _save(fig, path)
+    save_figure(fig, path)
+
+
+def in_context_positions(length: int) -> tuple[int, int]:
+    """(early, late): Olsson et al. (2022)'s in-context score compares the losses at tokens 50 and 500
+    of a 512-token context; the same fractions of a window of ``length`` positions."""
+    return min(length - 1, round(50 * length / 512)), min(length - 1, round(500 * length / 512))
+
+
+def _band(length: int, center: int) -> range:
+    """The positions averaged for "the loss at ``center``": ±length/64 around it, so that one noisy
+    position of a few hundred windows does not decide the score."""
+    half = length // 64
+    return range(max(0, center - half), min(length, center + half + 1))
+
+
+def position_rows(results: dict) -> tuple[list[str], list[list[str]]]:
+    """Headers and rows of the loss-by-position table: the loss at position 0, early and late, and the
+    in-context score (late − early; negative: later tokens, with more context, are predicted better)."""
+    lengths = {len(r["loss_by_position"]) for r in results.values() if r.get("loss_by_position")}
+    if not lengths:
+        return [], []
+    length = max(lengths)
+    early, late = (_band(length, p) for p in in_context_positions(length))
+    names = [f"{b[0]}–{b[-1]}" if len(b) > 1 else str(b[0]) for b in (early, late)]
+    headers = ["model", "loss @ position 0", f"loss @ {names[0]}", f"loss @ {names[1]}",
+               f"in-context score ({names[1]} − {names[0]})"]
+    rows = []
+    for result in results.values():
+        losses = result.get("loss_by_position")
+        if losses:
+            at_early, at_late = (sum(losses[p] for p in band) / len(band) for band in (early, late))
+            rows.append([result["label"], _num(losses[0], 4), _num(at_early, 4), _num(at_late, 4),
+                         _num(at_late - at_early, 4)])
+    return headers, rows
+
+
+def _position_plot(results: dict, path: Path) -> None:
+    fig = new_figure(7.5, 4.6)
+    ax = fig.subplots()
+    for name, result in results.items():
+        losses = result.get("loss_by_position")
+        if not losses:
+            continue
+        label = result["label"] + (f" (n={result['n']})" if name == "ngram" else "")
+        ax.plot(range(1, len(losses) + 1), losses, color=_COLORS.get(name), linewidth=1.3, label=label,
+                linestyle="--" if name == "ngram" else "-")
+    ax.set_xscale("log")
+    ax.set_xlabel("tokens of the window seen before the prediction (position + 1, log scale)")
+    ax.set_ylabel("mean val loss (nats/token)")
+    ax.set_title("loss by position in the context (the fixed val windows)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, loc="upper right")
+    save_figure(fig, path)
 
 
 def _kv_plot(results: dict, path: Path) -> None:
-    fig = _figure(6.5, 4.4)
+    fig = new_figure(6.5, 4.4)
     ax = fig.subplots()
     for name, result in results.items():
         if result.get("kv_bytes_per_token") is None or result.get("val_loss") is None:
@@ -154,14 +198,14 @@ def _kv_plot(results: dict, path: Path) -> None:
     ax.set_ylabel("final val loss (nats/token)")
     ax.set_title("memory per token vs quality (lower left is better)")
     ax.grid(alpha=0.3)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def _moe_plot(results: dict, path: Path) -> bool:
     moe = {n: r for n, r in results.items() if any("moe_tokens_per_expert" in row for row in r["metrics"])}
     if not moe:
         return False
-    fig = _figure(4.2 * len(moe) + 0.8, 3.8)
+    fig = new_figure(4.2 * len(moe) + 0.8, 3.8)
     axes = fig.subplots(1, len(moe), squeeze=False)[0]
     for ax, (name, result) in zip(axes, moe.items()):
         rows = [r for r in result["metrics"] if "moe_tokens_per_expert" in r]
@@ -177,7 +221,7 @@ def _moe_plot(results: dict, path: Path) -> bool:
         ax.set_ylabel("share of routed tokens")
         ax.set_title(f"{result['label']}\nmax/mean load at the end: {rows[-1]['moe_load_imbalance']:.2f}", fontsize=9)
     axes[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
-    _save(fig, path)
+    save_figure(fig, path)
     return True
 
 
@@ -216,7 +260,8 @@ def _blocks(out: Path, info: dict, results: dict) -> list[tuple]:
             f"KV cache: bytes the model's own cache objects hold ({kv_dtype}) after a full context of "
             f"{cfg['block_size']} tokens, all {cfg['n_layer']} layers; MLA caches its latent (absorbed mode). "
             f"decode tok/s: greedy decoding of {cfg['block_size'] - 1} tokens, batch 1, with the cache (the MLP "
-            "and n-gram need none).",
+            "and n-gram need none). RNN rows show their recurrent state instead (h, and c for an LSTM, every layer): "
+            "its size does not depend on the context length.",
         ]),
     ]
     ngram = results.get("ngram")
@@ -224,6 +269,7 @@ def _blocks(out: Path, info: dict, results: dict) -> list[tuple]:
         tried = [[f"n={n}", _num(t["val_loss"], 4), _seconds(t["fit_s"])] for n, t in ngram["orders_tried"].items()]
         blocks += [("p", "n-gram orders tried (the best on the val windows is kept):"),
                    ("table", ["order", "val loss", "fit time"], tried)]
+    blocks += _position_blocks(cfg, results)
     blocks += [("h2", "Val loss vs wall time"), ("img", LOSS_TIME_PNG, "val loss vs wall time"),
                ("h2", "Val loss vs training tokens"), ("img", LOSS_TOKENS_PNG, "val loss vs tokens"),
                ("h2", "KV cache vs val loss"), ("img", KV_PNG, "KV cache bytes per token vs val loss")]
@@ -257,75 +303,19 @@ def _blocks(out: Path, info: dict, results: dict) -> list[tuple]:
     return blocks
 
 
-def _inline_html(text: str) -> str:
-    """Escape, then render **bold** and `code` (the only Markdown the report's prose uses)."""
-    parts = html.escape(text).split("**")
-    text = "".join(f"<strong>{p}</strong>" if i % 2 else p for i, p in enumerate(parts))
-    parts = text.split("`")
-    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
-
-
-def render_markdown(blocks: list[tuple]) -> str:
-    lines = []
-    for block in blocks:
-        kind = block[0]
-        if kind in ("h1", "h2", "h3"):
-            lines.append("#" * int(kind[1]) + " " + block[1])
-        elif kind == "p":
-            lines.append(block[1])
-        elif kind == "table":
-            lines.append(markdown_table(block[1], block[2]))
-        elif kind == "img":
-            lines.append(f"![{block[2]}]({block[1]})")
-        elif kind == "pre":
-            lines.append("```text\n" + block[1].rstrip("\n") + "\n```")
-        elif kind == "list":
-            lines.append("\n".join(f"- {item}" for item in block[1]))
-        lines.append("")
-    return "\n".join(lines)
-
-
-_CSS = """
-body { font: 15px/1.5 system-ui, -apple-system, "Segoe UI", sans-serif; color: #1d2330; background: #fafbfc;
-       max-width: 1400px; margin: 2em auto; padding: 0 1.2em; }
-h1 { font-size: 1.7em; margin-bottom: .2em; } h2 { margin-top: 1.8em; border-bottom: 1px solid #dde2ea; }
-h3 { margin: 1.1em 0 .3em; font-size: 1em; }
-table { border-collapse: collapse; font-size: 13px; background: white; margin: .6em 0; }
-th, td { border: 1px solid #dde2ea; padding: 4px 8px; text-align: right; white-space: nowrap; }
-th { background: #eef1f6; } td:first-child, th:first-child { text-align: left; } td:nth-child(2) { white-space: normal; }
-tr:nth-child(even) td { background: #f6f8fb; }
-.scroll { overflow-x: auto; }
-img { max-width: 100%; border: 1px solid #dde2ea; background: white; }
-pre { background: #f0f2f6; padding: .7em 1em; white-space: pre-wrap; font-size: 13px; border-radius: 4px; }
-code { background: #eef1f6; padding: 0 .25em; border-radius: 3px; }
-li { margin: .25em 0; }
-"""
-
-
-def render_html(blocks: list[tuple], folder: Path) -> str:
-    """One self-contained page: inline CSS, images as data: URIs, no scripts and no links."""
-    body = []
-    for block in blocks:
-        kind = block[0]
-        if kind in ("h1", "h2", "h3"):
-            body.append(f"<{kind}>{html.escape(block[1])}</{kind}>")
-        elif kind == "p":
-            body.append(f"<p>{_inline_html(block[1])}</p>")
-        elif kind == "table":
-            head = "".join(f"<th>{html.escape(h)}</th>" for h in block[1])
-            rows = "".join("<tr>" + "".join(f"<td>{_inline_html(c)}</td>" for c in row) + "</tr>" for row in block[2])
-            body.append(f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table></div>')
-        elif kind == "img":
-            data = base64.b64encode((folder / block[1]).read_bytes()).decode("ascii")
-            body.append(f'<p><img alt="{html.escape(block[2])}" src="data:image/png;base64,{data}"></p>')
-        elif kind == "pre":
-            body.append(f"<pre>{html.escape(block[1])}</pre>")
-        elif kind == "list":
-            body.append("<ul>" + "".join(f"<li>{_inline_html(item)}</li>" for item in block[1]) + "</ul>")
-    return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
-            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
-            f"<title>attnlab compare</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
-            + "\n".join(body) + "\n</body>\n</html>\n")
+def _position_blocks(cfg: dict, results: dict) -> list[tuple]:
+    headers, rows = position_rows(results)
+    if not rows:
+        return []
+    return [("h2", "Loss by position in the context"), ("p",
+             f"Mean val loss at each position of the fixed {cfg['block_size']}-token windows: position p predicts "
+             "token p + 1 from the p + 1 tokens before it in its window. An n-gram of order n sees at most n − 1 "
+             "tokens, so from position n − 2 on its curve can only wobble with the text; the MLP sees its last "
+             f"{cfg['mlp_context']}; a recurrent model carries everything it read in one fixed-size state; attention "
+             "looks back at every earlier token. The in-context score is Olsson et al. (2022)'s loss at token 500 "
+             "minus the loss at token 50 of a 512-token context, here at the same fractions of the window, each "
+             "the mean over the positions named (negative: more context, lower loss)."),
+            ("table", headers, rows), ("img", LOSS_POSITION_PNG, "loss by position in the context")]
 
 
 def write_report(out) -> Path:
@@ -334,10 +324,11 @@ def write_report(out) -> Path:
     info, results = load_run(out)
     _curves(results, out / LOSS_TIME_PNG, "elapsed_s", "wall time of training (s)")
     _curves(results, out / LOSS_TOKENS_PNG, "tokens", "training tokens")
+    _position_plot(results, out / LOSS_POSITION_PNG)
     _kv_plot(results, out / KV_PNG)
     if not _moe_plot(results, out / MOE_PNG):
         (out / MOE_PNG).unlink(missing_ok=True)
     blocks = _blocks(out, info, results)
     write_text(out / REPORT_MD, render_markdown(blocks))
-    write_text(out / REPORT_HTML, render_html(blocks, out))
+    write_text(out / REPORT_HTML, render_html(blocks, out, title="attnlab compare"))
     return out / REPORT_MD

@@ -43,19 +43,23 @@ from attnlab.generate import stream_tokens
 from attnlab.models.base import count_params, load_pretrained, model_class
 from attnlab.models.mlp import MLPConfig
 from attnlab.models.ngram import NGramLM
+from attnlab.models.rnn import RecurrentState, RNNConfig
 from attnlab.options import check_choices, option
 from attnlab.timing import median_seconds, time_call
 from attnlab.train import train
 from attnlab.trainer import METRICS, Trainer, TrainConfig
 from attnlab.viz.heatmap import plot_grid
 
-MODELS = ("ngram", "mlp", "mha", "gqa", "mqa", "mla", "mha-moe", "mla-moe")
+MODELS = ("ngram", "mlp", "rnn", "lstm", "gru", "mha", "gqa", "mqa", "mla", "mha-moe", "mla-moe")
+DEFAULT_MODELS = ("ngram", "mlp", "lstm", "mha", "gqa", "mqa", "mla", "mha-moe", "mla-moe")
+RNN_MODELS = ("rnn", "lstm", "gru")  # name = RNNConfig.cell
 GPT_MODELS = {  # name -> (attention, ffn)
     "mha": ("mha", "dense"), "gqa": ("gqa", "dense"), "mqa": ("mqa", "dense"), "mla": ("mla", "dense"),
     "mha-moe": ("mha", "moe"), "mla-moe": ("mla", "moe"),
 }
 LABELS = {
-    "ngram": "n-gram (Kneser-Ney)", "mlp": "MLP n-gram", "mha": "GPT · MHA", "gqa": "GPT · GQA", "mqa": "GPT · MQA",
+    "ngram": "n-gram (Kneser-Ney)", "mlp": "MLP n-gram", "rnn": "RNN (Elman)", "lstm": "LSTM", "gru": "GRU",
+    "mha": "GPT · MHA", "gqa": "GPT · GQA", "mqa": "GPT · MQA",
     "mla": "GPT · MLA", "mha-moe": "GPT · MHA + MoE", "mla-moe": "GPT · MLA + MoE",
 }
 BUDGET_HELP = "'300ktok', '2Mtok' (training tokens per model) or '40s', '2m', '1h' (wall time per model)"
@@ -71,14 +75,14 @@ MOE_SHARED = 1
 class CompareConfig:
     """One comparison: which models, the budget, the data, and the settings they all share."""
 
-    models: tuple[str, ...] = option(MODELS, "the models to train, in this order")
+    models: tuple[str, ...] = option(DEFAULT_MODELS, f"the models to train, in this order (any of {', '.join(MODELS)})")
     budget: str = option("200ktok", f"per model: {BUDGET_HELP}")
     corpus: str = option("shakespeare", "'shakespeare', a .txt file or a folder of .txt files")
     tokenizer: str = option("char", "the corpus's characters or a byte-level BPE", choices=("char", "bpe"))
     vocab_size: int | None = option(None, "BPE vocabulary size (bpe only); None: 2048")
-    n_layer: int = option(4, "GPT blocks")
+    n_layer: int = option(4, "GPT blocks (and recurrent layers of the RNNs)")
     n_head: int = option(4, "GPT query heads")
-    d_model: int = option(128, "GPT width")
+    d_model: int = option(128, "GPT width (and RNN hidden size)")
     block_size: int = option(128, "tokens per training and eval window")
     n_kv_head_gqa: int = option(2, "K/V heads of the GQA model")
     kv_lora_rank: int = option(64, "MLA latent width (MLA head dims follow DeepSeek-V3's ratios)")
@@ -189,6 +193,9 @@ def model_fields(cfg: CompareConfig, name: str, vocab_size: int) -> dict:
     if name == "mlp":
         return {"model_type": "mlp", **dataclasses.asdict(MLPConfig(vocab_size, context=cfg.mlp_context,
                                                                     d_embed=cfg.mlp_embed, hidden=4 * cfg.d_model))}
+    if name in RNN_MODELS:
+        return {"model_type": "rnn", **dataclasses.asdict(RNNConfig(vocab_size, cell=name, n_layer=cfg.n_layer,
+                                                                    d_model=cfg.d_model, block_size=cfg.block_size))}
     return {"model_type": "gpt", **gpt_config(cfg, name, vocab_size)}
 
 
@@ -198,6 +205,8 @@ def architecture(cfg: CompareConfig, name: str) -> str:
         return f"interpolated Kneser-Ney, the best of n = {', '.join(map(str, cfg.ngram_orders))}"
     if name == "mlp":
         return f"context {cfg.mlp_context}, embedding {cfg.mlp_embed}, tanh hidden {4 * cfg.d_model}"
+    if name in RNN_MODELS:
+        return f"{cfg.n_layer} layers of torch.nn.{name.upper()}, width {cfg.d_model}, linear head"
     attention, ffn = GPT_MODELS[name]
     parts = [f"{cfg.n_layer} layers, d_model {cfg.d_model}, {cfg.n_head} heads, RoPE, RMSNorm"]
     parts.append({"mha": "MHA", "gqa": f"GQA with {cfg.n_kv_head_gqa} K/V heads", "mqa": "MQA (1 K/V head)",
@@ -211,31 +220,41 @@ def architecture(cfg: CompareConfig, name: str) -> str:
 
 
 @torch.no_grad()
-def window_nll(model, windows: torch.Tensor, batch: int = 32) -> float:
-    """Summed cross-entropy (nats) of predicting windows[:, 1:] from the tokens before, window by window."""
+def position_nll(model, windows: torch.Tensor, batch: int = 32) -> np.ndarray:
+    """Cross-entropy (nats) of predicting windows[:, 1:] from the tokens before, window by window,
+    summed over the windows at each position 0..T-1 of the context: float64 (T,)."""
     if hasattr(model, "token_probs"):  # the n-gram: exact probabilities, history cut at the window start
-        return float(sum(-np.log(model.token_probs(w.numpy())[1:]).sum() for w in windows))
+        return sum(-np.log(model.token_probs(w.numpy())[1:]) for w in windows)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    total = 0.0
+    total = np.zeros(windows.size(1) - 1)
     for chunk in windows.split(batch):
         chunk = chunk.to(device)
         logits, _ = model(chunk[:, :-1])  # (b, T, V)
-        total += float(F.cross_entropy(logits.float().flatten(0, 1), chunk[:, 1:].flatten(), reduction="sum"))
+        nll = F.cross_entropy(logits.float().transpose(1, 2), chunk[:, 1:], reduction="none")  # (b, T)
+        total += nll.sum(0).double().cpu().numpy()
     model.train(was_training)
     return total
 
 
+def window_nll(model, windows: torch.Tensor) -> float:
+    """Summed cross-entropy (nats) of predicting windows[:, 1:] from the tokens before, window by window."""
+    return float(position_nll(model, windows).sum())
+
+
 def score(model, windows: torch.Tensor, tokenizer) -> dict:
-    """Val loss (nats per token), perplexity and bits per character on the fixed windows."""
-    nll = window_nll(model, windows)
+    """Val loss (nats per token), perplexity, bits per character and the mean loss at each position
+    of the context on the fixed windows."""
+    by_position = position_nll(model, windows)
+    nll = float(by_position.sum())
     tokens = windows[:, 1:].numel()
     chars = sum(len(tokenizer.decode(w[1:].tolist())) for w in windows)
     loss = nll / tokens
     finite = math.isfinite(loss)
     return {"val_loss": loss if finite else None, "perplexity": math.exp(loss) if finite and loss < 700 else None,
-            "bits_per_char": nll / chars / math.log(2) if finite else None, "eval_tokens": tokens, "eval_chars": chars}
+            "bits_per_char": nll / chars / math.log(2) if finite else None, "eval_tokens": tokens, "eval_chars": chars,
+            "loss_by_position": (by_position / len(windows)).tolist() if finite else None}
 
 
 class Diverged(Exception):
@@ -502,14 +521,18 @@ def _measure_neural(cfg: CompareConfig, name: str, run: Path, windows: torch.Ten
     if rows:
         result.update(steps=rows[-1]["step"], tokens=rows[-1]["tokens"])
     if name != "mlp":
-        for block in model.blocks:  # MLA decodes from its latent cache (the point of MLA)
+        for block in getattr(model, "blocks", ()):  # MLA decodes from its latent cache (the point of MLA)
             if hasattr(block.attn, "mode"):
                 block.attn.mode = "absorbed"
         caches = model.new_caches(1, cfg.block_size)
         with torch.no_grad():
             model(windows[:1, :cfg.block_size].to(device), caches=caches)
-        result.update(kv_bytes_per_token=sum(c.bytes_per_token() for c in caches),
-                      kv_bytes_full_context=sum(c.bytes() for c in caches), kv_dtype=str(caches[0].dtype).split(".")[-1])
+        result["kv_dtype"] = str(caches[0].dtype).split(".")[-1]
+        if isinstance(caches[0], RecurrentState):  # an RNN's state: the same bytes at every context length
+            result["state_bytes"] = sum(c.bytes() for c in caches)
+        else:
+            result.update(kv_bytes_per_token=sum(c.bytes_per_token() for c in caches),
+                          kv_bytes_full_context=sum(c.bytes() for c in caches))
     idx = torch.tensor([prompt[-1:]], dtype=torch.int64, device=device)
     n_decode = cfg.block_size - 1
     seconds = time_call(lambda: list(stream_tokens(model, idx, n_decode, temperature=0, use_cache=name != "mlp")), device)
