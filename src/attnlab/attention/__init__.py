@@ -3,6 +3,7 @@
 
 from attnlab.attention.additive import AdditiveAttention
 from attnlab.attention.cache import KVCache, LatentKVCache
+from attnlab.attention.cross import CrossAttention
 from attnlab.attention.gqa import GroupedQueryAttention
 from attnlab.attention.kernel import attend, attend_scores, causal_mask
 from attnlab.attention.lecture import (
@@ -37,4 +38,5 @@ __all__ = [
     "KVCache",
     "LatentKVCache",
     "AdditiveAttention",
+    "CrossAttention",
 ]
