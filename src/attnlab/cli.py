@@ -34,6 +34,8 @@ from attnlab.models.gpt import GPTConfig
 from attnlab.models.rnn import RNNConfig
 from attnlab.models.pretrained import load_attention_model
 from attnlab.recipes import RECIPES, recipe
+from attnlab.seq2seq import LABELS as SEQ2SEQ_LABELS
+from attnlab.seq2seq import Seq2SeqConfig, run_seq2seq
 from attnlab.train import MODEL_TYPES, train
 from attnlab.trainer import TrainConfig
 from attnlab.viz import save_views
@@ -487,6 +489,44 @@ def _cmd_compare(args) -> int:
     return 130 if summary["interrupted"] else 0
 
 
+def _add_seq2seq(sub) -> None:
+    p = sub.add_parser(
+        "seq2seq", help="the 2014 experiment: RNN encoder-decoder vs Bahdanau attention vs Transformer vs GPT by length",
+        description="Train rnn-encdec, rnn-attn, an encoder-decoder Transformer and a decoder-only GPT on one synthetic "
+                    "task under one budget, decode held-out inputs of every length (longer than trained included) "
+                    "and write report.md + report.html (self-contained), results.json and the plots to --out.",
+    )
+    p.add_argument("--out", default="runs/seq2seq", help="report folder (default: runs/seq2seq)")
+    p.add_argument("--overwrite", action="store_true", help="replace the report in an existing --out folder")
+    p.add_argument("--quiet", action="store_true", help="no progress display")
+    _config_flags(p.add_argument_group("experiment (Seq2SeqConfig)"), Seq2SeqConfig, "seq2seq")
+    p.set_defaults(func=_cmd_seq2seq)
+
+
+def _seq2seq_progress(enabled: bool):
+    """The run's callback: a line per finished model (exact match by length) on stderr."""
+    console = Console(stderr=True)
+
+    def show(event: dict) -> None:
+        if enabled and event["event"] == "model":
+            label = SEQ2SEQ_LABELS[event["model"]]
+            console.print(f"[{event['index'] + 1}/{event['total']}] {label}: training", style="dim")
+        elif enabled and event["event"] == "done":
+            accuracy = "  ".join(f"{n}: {100 * a:.0f}%" for n, a in event["accuracy"].items())
+            console.print(f"{SEQ2SEQ_LABELS[event['model']]}: exact match by length  {accuracy}  ({event['seconds']:.0f} s)")
+
+    return show
+
+
+def _cmd_seq2seq(args) -> int:
+    config = Seq2SeqConfig(**_given(args, "seq2seq"))
+    summary = run_seq2seq(args.out, config, overwrite=args.overwrite, command=command_line(),
+                          progress=_seq2seq_progress(not args.quiet))
+    minutes, seconds = divmod(summary["wall_s"], 60)
+    print(f"report {summary['report']} (and report.html, results.json), {int(minutes)} min {seconds:.0f} s")
+    return 0
+
+
 def _add_env(sub) -> None:
     p = sub.add_parser(
         "env", help="what attnlab detects on this machine (CPU, bf16 speed, GPUs, extras) and what it will choose",
@@ -506,7 +546,7 @@ def _cmd_env(args) -> int:
 
 
 _COMMANDS = [_add_explain, _add_kv_table, _add_train, _add_generate, _add_viz, _add_heads, _add_export, _add_bench,
-             _add_compare, _add_env]
+             _add_compare, _add_seq2seq, _add_env]
 
 
 def build_parser() -> argparse.ArgumentParser:

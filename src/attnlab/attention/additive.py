@@ -30,7 +30,7 @@ class AdditiveAttention(RecordsAttention, nn.Module):
         super().__init__()
         for name, value in (("query_dim", query_dim), ("key_dim", key_dim), ("attn_dim", attn_dim)):
             _checks.positive_int(name, value)
-        self.query_dim, self.key_dim, self.attn_dim = query_dim, key_dim, attn_dim
+        self.d_model, self.key_dim, self.attn_dim = query_dim, key_dim, attn_dim  # d_model: query width
         self.W_a = nn.Linear(query_dim, attn_dim, bias=False)
         self.U_a = nn.Linear(key_dim, attn_dim, bias=False)
         self.v_a = nn.Linear(attn_dim, 1, bias=False)
@@ -42,7 +42,7 @@ class AdditiveAttention(RecordsAttention, nn.Module):
 
     def scores(self, query: torch.Tensor, projected_keys: torch.Tensor) -> torch.Tensor:
         """e = v_aᵀ tanh(W_a s + U_a h): query (B, Tq, query_dim), U_a h (B, Tk, attn_dim) -> (B, Tq, Tk)."""
-        _checks.input_tensor(query, self.query_dim, name="query")
+        _checks.input_tensor(query, self.d_model, name="query")
         hidden = torch.tanh(self.W_a(query).unsqueeze(2) + projected_keys.unsqueeze(1))  # (B, Tq, Tk, A)
         return self.v_a(hidden).squeeze(-1)  # (B, Tq, Tk)
 
@@ -65,4 +65,4 @@ class AdditiveAttention(RecordsAttention, nn.Module):
         return context.squeeze(1)
 
     def extra_repr(self) -> str:
-        return f"query_dim={self.query_dim}, key_dim={self.key_dim}, attn_dim={self.attn_dim}"
+        return f"query_dim={self.d_model}, key_dim={self.key_dim}, attn_dim={self.attn_dim}"

@@ -3,6 +3,7 @@
 ``load_pretrained(folder)`` can rebuild any of them from its config's "model_type"."""
 
 from attnlab.models.base import SaveLoadMixin, count_params, load_pretrained, load_tokenizer_from, model_class, register_model
+from attnlab.models.encdec import EncDecConfig, EncoderDecoder
 from attnlab.models.encoder import Encoder, EncoderConfig
 from attnlab.models.gpt import GPT, GPTConfig
 from attnlab.models.mlp import MLPLM, MLPConfig
@@ -26,4 +27,6 @@ __all__ = [
     "MLPConfig",
     "RNNLM",
     "RNNConfig",
+    "EncoderDecoder",
+    "EncDecConfig",
 ]

@@ -23,7 +23,7 @@ from attnlab.attention.cross import CrossAttention
 from attnlab.attention.gqa import GroupedQueryAttention
 from attnlab.errors import ConfigError, InputTypeError
 from attnlab.models.base import SaveLoadMixin, register_model
-from attnlab.moe import SwiGLU
+from attnlab.ffn import SwiGLU
 from attnlab.options import option
 
 MODEL_TYPE = "encdec"
