@@ -16,6 +16,7 @@ from attnlab import (
     record_attention,
     simple_self_attention,
 )
+from attnlab.attention import AdditiveAttention
 from attnlab.cli import main
 from attnlab.explain import STEPS, Item, build_sections, explain
 
@@ -200,3 +201,22 @@ def test_leaves_the_callers_random_state_alone():
     torch.manual_seed(0)
     build_sections("dropout", seed=5)
     assert torch.equal(torch.rand(3), expected)
+
+
+@pytest.mark.parametrize("fmt", ["text", "md"])
+def test_additive_numbers_are_bahdanaus_score_by_hand(outputs, fmt):
+    text = outputs[("additive", fmt)]
+    torch.manual_seed(123)
+    attn = AdditiveAttention(3, 3, attn_dim=2)
+    W, U, v = attn.W_a.weight, attn.U_a.weight, attn.v_a.weight[0]
+    journey = INPUTS[1]
+    additive = torch.stack([v @ torch.tanh(W @ journey + U @ key) for key in INPUTS])  # e_j = v_aᵀ tanh(W_a s + U_a h_j)
+    dot = INPUTS @ journey
+    scores = printed(text, "scores for journey, three ways", 18, fmt)
+    assert close(scores, torch.stack((dot, dot / math.sqrt(3), additive)))
+    weights = printed(text, "additive weights (recorded)", 6, fmt)
+    assert close(weights, torch.softmax(additive, dim=0)) and abs(float(weights.sum()) - 1) < 1e-3
+    assert close(printed(text, "context for journey = weights @ inputs", 3, fmt), torch.softmax(additive, 0) @ INPUTS)
+    simple = outputs[("simple", fmt)]  # the dot-product row repeats the first step's weights for journey
+    first_row = printed(text, "softmax(scores), three ways", 6, fmt)
+    assert close(first_row, printed(simple, "weights for journey = softmax(scores)", 6, fmt))

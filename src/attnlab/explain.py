@@ -1,6 +1,7 @@
 """`attnlab explain`: the lecture's attention path as a walkthrough with real numbers.
 
-One new idea per step (simple → trainable → causal → dropout → wrapper → multihead), each
+One new idea per step (simple → trainable → causal → dropout → wrapper → multihead, then additive:
+the score attention started with, Bahdanau et al. 2014's, next to the dot products), each
 intermediate tensor shown with its shape. Every number comes from attnlab's own modules, seeded
 as the lecture seeds them: their weights, their sub-layers' outputs (forward hooks) and their
 recorded attention. :func:`build_sections` returns the content, the renderers format it.
@@ -24,6 +25,7 @@ from torch import nn
 
 from attnlab import _checks
 from attnlab.attention import (
+    AdditiveAttention,
     CausalAttention,
     MultiHeadAttention,
     MultiHeadAttentionWrapper,
@@ -34,7 +36,7 @@ from attnlab.attention import (
 )
 from attnlab.errors import ConfigError
 
-STEPS = ("simple", "trainable", "causal", "dropout", "wrapper", "multihead")
+STEPS = ("simple", "trainable", "causal", "dropout", "wrapper", "multihead", "additive")
 FORMATS = ("text", "md")
 WIDTH = 100  # terminal columns the text output is laid out for
 
@@ -121,7 +123,7 @@ def build_sections(step: str = "all", seed: int = 123) -> list[Section]:
     chosen = STEPS if step == "all" else (step,)
     builders = {
         "simple": _simple, "trainable": _trainable, "causal": _causal,
-        "dropout": _dropout, "wrapper": _wrapper, "multihead": _multihead,
+        "dropout": _dropout, "wrapper": _wrapper, "multihead": _multihead, "additive": _additive,
     }
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         return [builders[name](seed) for name in chosen]
@@ -402,6 +404,50 @@ def _walk_mha(s: Section, mha: MultiHeadAttention, x: torch.Tensor, rows, *, not
     s.show(f"out_proj.weight {tag}", mha.out_proj.weight)
     s.show(f"out_proj.bias {tag}", mha.out_proj.bias)
     s.show(f"MultiHeadAttention output = out_proj(merged) {tag}", out, rows=rows, **b0)
+
+
+def _additive(seed: int) -> Section:
+    s = Section(
+        "additive", "Additive attention (Bahdanau et al. 2014)",
+        "Score the query against each key with a small network, v_a · tanh(W_a q + U_a k), instead of a "
+        "dot product.",
+    )
+    inputs = _embeddings()
+    query = inputs[1]  # journey
+    torch.manual_seed(seed)
+    attn = AdditiveAttention(query_dim=3, key_dim=3, attn_dim=2)
+    with record_attention(attn) as rec:
+        context = attn(query.view(1, 1, 3), inputs.unsqueeze(0))  # (1, 1, 3)
+    W, U, v = attn.W_a.weight, attn.U_a.weight, attn.v_a.weight[0]  # (2, 3), (2, 3), (2,)
+    hidden = torch.tanh(W @ query + inputs @ U.T)  # (6, 2): one row per key
+    dot = inputs @ query  # (6,)
+    scores = torch.stack((dot, dot / math.sqrt(3), hidden @ v))  # (3, 6)
+    kinds = ("dot product", "scaled dot product", "additive")
+    hidden_cols = ("unit 0", "unit 1")
+    s.say("Attention began in translation: Bahdanau, Cho and Bengio (2014) let a decoder state (the query) "
+          "score every encoder state (the keys) with one tanh layer and a vector v_a. Here the query is "
+          f"journey and the keys are the six embeddings; AdditiveAttention(3, 3, attn_dim=2) after "
+          f"torch.manual_seed({seed}).")
+    s.show("AdditiveAttention.W_a.weight (applied to the query)", W, rows=hidden_cols)
+    s.show("AdditiveAttention.U_a.weight (applied to each key)", U, rows=hidden_cols)
+    s.show("AdditiveAttention.v_a.weight", attn.v_a.weight, cols=hidden_cols)
+    s.say("W_a q is computed once per query, U_a k once per key (a decoder reuses it at every step); their "
+          "sum goes through tanh, one hidden vector per key.")
+    s.show("W_a @ journey", W @ query, cols=hidden_cols)
+    s.show("U_a @ key, every key", inputs @ U.T, rows=TOKENS, cols=hidden_cols)
+    s.show("tanh(W_a @ journey + U_a @ key)", hidden, rows=TOKENS, cols=hidden_cols)
+    s.say("v_a turns each hidden vector into one score. No sqrt(d_k) is needed: tanh keeps every hidden unit in "
+          "(-1, 1), so a score is at most the sum of |v_a|, whatever the width.")
+    s.show("scores for journey, three ways", scores, rows=kinds, cols=TOKENS)
+    s.show("softmax(scores), three ways", torch.softmax(scores, dim=-1), rows=kinds, cols=TOKENS)
+    s.show("additive weights (recorded)", rec.weights[0], index=(0, 0), rows=("journey",), cols=TOKENS,
+           note="batch 0, the only head")
+    s.say("The context is the weighted sum of the keys (Bahdanau's encoder states are keys and values at once). "
+          "A dot product needs the query and key in one space of one size; the additive score takes any two "
+          "widths, at the cost of a tanh layer per (query, key) pair, which is why the Transformer went back to "
+          "(scaled) dot products: one matrix product for all pairs.")
+    s.show("context for journey = weights @ inputs", context[0, 0])
+    return s
 
 
 # ----------------------------------------------------------------------------- rendering
