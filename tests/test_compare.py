@@ -59,7 +59,8 @@ def test_tiny_comparison_writes_a_full_report_whose_numbers_match_the_run_files(
     moe = _row(md, "GPT · MLA + MoE")
     assert int(moe["params (active)"].replace(",", "")) < int(moe["params (total)"].replace(",", ""))
     assert moe["KV cache B/token"] != "—" and moe["decode tok/s"] != "—"
-    for section in ("## Results", "## Loss by position in the context", "## Val loss vs wall time", "## Val loss vs training tokens", "## KV cache vs val loss",
+    for section in ("## Results", "## Loss by position in the context",
+                    "## Val loss vs wall time", "## Val loss vs training tokens", "## KV cache vs val loss",
                     "## MoE expert load over training", "## Samples", "## Attention heatmaps", "## Run"):
         assert section in md
     assert md.count("```text\nROMEO:\n") == 3  # one sample per model, same prompt
@@ -184,8 +185,9 @@ def test_in_context_positions_and_table():
     assert in_context_positions(512) == (50, 500) and in_context_positions(128) == (12, 125)
     losses = [3.0] * 10 + [2.0] * 5 + [1.5] * 108 + [1.0] * 5  # 128 positions: bands 10–14 and 123–127
     headers, rows = position_rows({"lstm": {"label": "LSTM", "loss_by_position": losses}, "x": {"label": "no curve"}})
-    assert headers[-1] == "in-context score (123–127 − 10–14)" and rows == [["LSTM", "3.0000", "2.0000", "1.0000", "-1.0000"]]
-    _, rows = position_rows({"lstm": {"label": "LSTM", "loss_by_position": [2.0, 1.0, 0.5] * 10}})  # 30: single positions
+    assert headers[-1] == "in-context score (123–127 − 10–14)"
+    assert rows == [["LSTM", "3.0000", "2.0000", "1.0000", "-1.0000"]]
+    _, rows = position_rows({"lstm": {"label": "LSTM", "loss_by_position": [2.0, 1.0, 0.5] * 10}})  # 30: no bands
     assert rows == [["LSTM", "2.0000", "2.0000", "0.5000", "-1.5000"]]  # positions 3 and 29
 
 
@@ -194,10 +196,10 @@ def test_an_rnn_in_the_family_shows_its_state_in_the_cache_columns(corpus, tmp_p
     out = tmp_path / "cmp"
     summary = compare(out, {**TINY, "models": ("gru", "mha"), "budget": "3ktok", "corpus": corpus})
     gru = summary["results"]["gru"]
-    assert gru["status"] == "ok" and gru["state_bytes"] == 1 * 16 * 4  # n_layer · d_model · fp32, batch 1
+    assert gru["status"] == "ok" and gru["state_bytes"] == 2 * 16 * 4  # rnn_layers · d_model · fp32, batch 1
     assert "kv_bytes_per_token" not in gru
     md = (out / "report.md").read_text()
     row = _row(md, "GRU")
-    assert row["KV cache B/token"] == row["KV cache @ context"] == "64 B state"
+    assert row["KV cache B/token"] == row["KV cache @ context"] == "128 B state"
     assert _row(md, "GPT · MHA")["KV cache B/token"] == "128 B"  # K and V: 2 · 16 dims · fp32, 1 layer
     assert md.count("| GRU |") == 2  # the results table and the loss-by-position table

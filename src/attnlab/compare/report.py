@@ -22,7 +22,8 @@ from attnlab.trainer import METRICS
 TABLE_HEADERS = ["model", "status", "params (total)", "params (active)", "val loss", "perplexity", "bits/char",
                  "train tok/s", "wall time", "steps", "train tokens", "KV cache B/token", "KV cache @ context",
                  "decode tok/s"]
-_COLORS = {"ngram": "#7f7f7f", "mlp": "#8c564b", "rnn": "#17becf", "lstm": "#e377c2", "gru": "#393b79", "mha": "#1f77b4", "gqa": "#2ca02c", "mqa": "#bcbd22",
+_COLORS = {"ngram": "#7f7f7f", "mlp": "#8c564b", "rnn": "#17becf", "lstm": "#e377c2", "gru": "#393b79",
+           "mha": "#1f77b4", "gqa": "#2ca02c", "mqa": "#bcbd22",
            "mla": "#d62728", "mha-moe": "#9467bd", "mla-moe": "#ff7f0e"}
 
 

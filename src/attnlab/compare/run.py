@@ -80,7 +80,7 @@ class CompareConfig:
     corpus: str = option("shakespeare", "'shakespeare', a .txt file or a folder of .txt files")
     tokenizer: str = option("char", "the corpus's characters or a byte-level BPE", choices=("char", "bpe"))
     vocab_size: int | None = option(None, "BPE vocabulary size (bpe only); None: 2048")
-    n_layer: int = option(4, "GPT blocks (and recurrent layers of the RNNs)")
+    n_layer: int = option(4, "GPT blocks")
     n_head: int = option(4, "GPT query heads")
     d_model: int = option(128, "GPT width (and RNN hidden size)")
     block_size: int = option(128, "tokens per training and eval window")
@@ -98,6 +98,8 @@ class CompareConfig:
     seed: int = option(1337, "seed of the weights, batches and samples")
     threads: int | None = option(None, "torch CPU threads; None: measured (torch's default unless one is faster)")
     ngram_orders: tuple[int, ...] = option((3, 4, 5, 6), "n-gram orders tried (the best on the val windows is kept)")
+    rnn_layers: int = option(2, "stacked layers of the RNN members (char-rnn's default; 4 LSTM layers without residual "
+                                "connections stayed at the unigram loss through the default budget)")
     mlp_context: int = option(8, "tokens the MLP n-gram sees")
     mlp_embed: int = option(32, "MLP n-gram embedding width")
     evals: int = option(10, "periodic val estimates per model (the curves)")
@@ -117,7 +119,7 @@ class CompareConfig:
         if len(set(self.models)) != len(self.models):
             raise ConfigError(f"models={list(self.models)!r} names a model twice")
         check_choices(self)
-        for name in ("n_layer", "n_head", "d_model", "block_size", "n_kv_head_gqa", "kv_lora_rank", "ffn_hidden",
+        for name in ("n_layer", "rnn_layers", "n_head", "d_model", "block_size", "n_kv_head_gqa", "kv_lora_rank", "ffn_hidden",
                      "n_routed_experts", "batch_size", "mlp_context", "mlp_embed", "evals", "eval_windows",
                      "sample_tokens"):
             _checks.positive_int(name, getattr(self, name))
@@ -194,7 +196,7 @@ def model_fields(cfg: CompareConfig, name: str, vocab_size: int) -> dict:
         return {"model_type": "mlp", **dataclasses.asdict(MLPConfig(vocab_size, context=cfg.mlp_context,
                                                                     d_embed=cfg.mlp_embed, hidden=4 * cfg.d_model))}
     if name in RNN_MODELS:
-        return {"model_type": "rnn", **dataclasses.asdict(RNNConfig(vocab_size, cell=name, n_layer=cfg.n_layer,
+        return {"model_type": "rnn", **dataclasses.asdict(RNNConfig(vocab_size, cell=name, n_layer=cfg.rnn_layers,
                                                                     d_model=cfg.d_model, block_size=cfg.block_size))}
     return {"model_type": "gpt", **gpt_config(cfg, name, vocab_size)}
 
@@ -206,7 +208,7 @@ def architecture(cfg: CompareConfig, name: str) -> str:
     if name == "mlp":
         return f"context {cfg.mlp_context}, embedding {cfg.mlp_embed}, tanh hidden {4 * cfg.d_model}"
     if name in RNN_MODELS:
-        return f"{cfg.n_layer} layers of torch.nn.{name.upper()}, width {cfg.d_model}, linear head"
+        return f"{cfg.rnn_layers} layers of torch.nn.{name.upper()}, width {cfg.d_model}, linear head"
     attention, ffn = GPT_MODELS[name]
     parts = [f"{cfg.n_layer} layers, d_model {cfg.d_model}, {cfg.n_head} heads, RoPE, RMSNorm"]
     parts.append({"mha": "MHA", "gqa": f"GQA with {cfg.n_kv_head_gqa} K/V heads", "mqa": "MQA (1 K/V head)",
