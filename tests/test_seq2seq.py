@@ -1,6 +1,7 @@
 """attnlab seq2seq: tasks from a seed, the framings, incremental decoding ≡ teacher forcing for every
 model, padding, a tiny run of every model (results.json's shape, the report), and refused input."""
 
+import argparse
 import datetime
 import json
 import math
@@ -11,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attnlab.cli import main
+from attnlab.cli import build_parser, main
 from attnlab.errors import ConfigError
 from attnlab.seq2seq import MODELS, TASKS, Seq2SeqConfig, get_task, run_seq2seq
 from attnlab.seq2seq.batches import ExampleBatches, draw
@@ -182,3 +183,16 @@ def test_refused_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys):
     assert Seq2SeqConfig().eval_lengths == (4, 8, 12, 16, 20, 24, 28)
     assert Seq2SeqConfig(task="dates", max_train_length=20).eval_lengths == (8, 12, 16, 20, 24, 28)
     assert math.isfinite(Seq2SeqConfig().lr)
+
+
+def test_every_numeric_seq2seq_flag_refuses_nan_inf_and_negatives(tmp_path, capsys):
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    flags = [(a.option_strings[0], a.type) for a in sub.choices["seq2seq"]._actions if a.type in (int, float)]
+    assert {"--lr", "--steps", "--seed", "--threads", "--max-train-length"} <= {f for f, _ in flags}
+    for flag, kind in flags:
+        for value in ["-1"] + (["nan", "inf", "-inf"] if kind is float else []):
+            out = tmp_path / "s2s"
+            assert main(["seq2seq", "--out", str(out), "--quiet", f"{flag}={value}"]) == 2, (flag, value)
+            err = capsys.readouterr().err.strip()
+            assert len(err.splitlines()) == 1 and flag.lstrip("-").replace("-", "_") in err, err
+            assert not out.exists()
