@@ -160,23 +160,28 @@ def _times(ratio: float) -> str:
 
 def choose_threads(requested: int | None = None) -> tuple[int, str]:
     """(torch CPU threads to use, why): ``requested`` if given; else the faster of 1 and torch's default
-    on a fp32 matmul measured now (on a busy machine, extra threads spin waiting for a core)."""
+    on a fp32 matmul measured now, the two timed alternately over a few rounds (the best of each), so a
+    burst of load from another process cannot decide alone (on a busy machine extra threads spin
+    waiting for a core)."""
     if requested is not None:
         return requested, "asked for"
     default = torch.get_num_threads()
     if default == 1:
         return 1, "one core"
-    previous = torch.get_num_threads()
+    generator = torch.Generator().manual_seed(0)
+    a, b = torch.randn(512, 512, generator=generator), torch.randn(512, 512, generator=generator)
+    best = {1: float("inf"), default: float("inf")}
     try:
-        timings = {}
-        for threads in (1, default):
-            torch.set_num_threads(threads)
-            timings[threads] = matmul_gflops("float32", "cpu", size=512)
+        for _ in range(3):
+            for threads in best:
+                torch.set_num_threads(threads)
+                best[threads] = min(best[threads], best_seconds(lambda: torch.mm(a, b), repeats=3))
     finally:
-        torch.set_num_threads(previous)
-    if timings[default] >= 1.2 * timings[1]:
-        return default, f"{default} threads measured {timings[default] / timings[1]:.1f}× one thread's fp32 matmul"
-    return 1, f"{default} threads measured only {timings[default] / timings[1]:.1f}× one thread's fp32 matmul (a busy machine?)"
+        torch.set_num_threads(default)
+    speedup = best[1] / best[default]
+    if speedup >= 1.2:
+        return default, f"{default} threads measured {speedup:.1f}× one thread's fp32 matmul"
+    return 1, f"{default} threads measured only {speedup:.1f}× one thread's fp32 matmul (a busy machine?)"
 
 
 def choose_attention_kernel(requested: str, attention: torch.nn.Module, x_shape: tuple[int, int, int],
