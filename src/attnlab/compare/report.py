@@ -250,7 +250,7 @@ def _blocks(out: Path, info: dict, results: dict) -> list[tuple]:
         ("list", [
             f"Budget per model: {budget}; every neural model sees the same batches ({cfg['batch_size']} × "
             f"{cfg['block_size']} tokens per step, seed {cfg['seed']}), AdamW with warmup and cosine decay, peak lr "
-            f"{cfg['lr']:g} (MLP n-gram {cfg.get('mlp_lr', cfg['lr']):g}); precision {info['precision']} ({machine.get('precision', {}).get('reason', 'as configured')}).",
+            f"{cfg['lr']:g} (MLP n-gram {cfg.get('mlp_lr', cfg['lr']):g}, RNNs {cfg.get('rnn_lr', cfg['lr']):g}); precision {info['precision']} ({machine.get('precision', {}).get('reason', 'as configured')}).",
             f"val loss: mean cross-entropy over {info['eval_windows']} fixed windows of {info['eval_window_tokens']} "
             "tokens spread over the val split, each window read on its own (the n-gram too sees only earlier tokens "
             "of its window); perplexity = exp(val loss); bits/char = summed loss / characters / ln 2.",
