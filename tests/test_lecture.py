@@ -19,12 +19,7 @@ from attnlab import (
 )
 from attnlab.errors import ConfigError, InputTypeError, UserError
 
-# "Your journey starts with one step", the lecture's 3-d embeddings.
-INPUTS = torch.tensor(
-    [[0.43, 0.15, 0.89], [0.55, 0.87, 0.66], [0.57, 0.85, 0.64],
-     [0.22, 0.58, 0.33], [0.77, 0.25, 0.10], [0.05, 0.80, 0.55]]
-)
-BATCH = torch.stack((INPUTS, INPUTS))
+from lecture_inputs import BATCH, INPUTS
 
 
 def _close(actual, expected):
