@@ -36,9 +36,20 @@ NANOGPT_FLAGS = ["--device=cpu", "--compile=False", "--eval_iters=20", "--log_in
 NANOGPT_EVAL = re.compile(r"step (\d+): train loss ([\d.]+), val loss ([\d.]+)")
 
 
-def run_attnlab(recipe: str, corpus: Path, out: Path, threads: list[str]) -> dict:
+# Each of the race recipe's changes, undone one at a time (toward nanoGPT's recipe), for --changes.
+CHANGES = {
+    "Muon → AdamW (lr 2e-3)": ["--optimizer", "adamw", "--lr", "2e-3"],
+    "RoPE → learned positions": ["--positions", "learned"],
+    "RMSNorm → LayerNorm": ["--norm", "layernorm"],
+    "SwiGLU → GELU MLP": ["--activation", "gelu"],
+    "batch 16 → 12": ["--batch-size", "12"],
+    "auto precision → float32": ["--dtype", "float32"],
+}
+
+
+def run_attnlab(recipe: str, corpus: Path, out: Path, threads: list[str], extra: list[str] = ()) -> dict:
     command = [sys.executable, "-m", "attnlab", "train", "--recipe", recipe, "--corpus", str(corpus), "--out", str(out),
-               "--overwrite", "--quiet", "--log-interval", "1000000", "--ckpt-interval", "1000000", *threads]
+               "--overwrite", "--quiet", "--log-interval", "1000000", "--ckpt-interval", "1000000", *threads, *extra]
     wall = _timed(command, None)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     evals = [(r["step"], r["val_loss"], r["elapsed_s"]) for r in rows if r["val_loss"] is not None]
@@ -85,6 +96,8 @@ def main() -> int:
                         "attnlab's GPT configured like nanoGPT)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", default=None, help="torch CPU threads for both (default: each one's own choice)")
+    parser.add_argument("--changes", action="store_true", help="also run the race recipe with each of its changes "
+                        "undone, one at a time, and list each change's effect")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     threads = ["--threads", args.threads] if args.threads else []
@@ -95,7 +108,9 @@ def main() -> int:
         else:
             runs["nanogpt"].append(run_attnlab("nanogpt-cpu", args.corpus.resolve(), args.out / "nanogpt-cpu", threads))
         runs["attnlab"].append(run_attnlab("race", args.corpus.resolve(), args.out / "race", threads))
-    report = _report(runs, args)
+    changes = {name: run_attnlab("race", args.corpus.resolve(), args.out / "change", threads, flags)
+               for name, flags in CHANGES.items()} if args.changes else {}
+    report = _report(runs, args) + (_changes_report(runs["attnlab"], changes) if changes else "")
     (args.out / "race.md").write_text(report)
     print(report)
     return 0
@@ -105,8 +120,7 @@ def _report(runs: dict, args) -> str:
     rows = []
     for name in ("nanogpt", "attnlab"):
         for i, r in enumerate(runs[name]):
-            reached = f"step {r['hit_step']} ({r['hit_val']:.4f})" if r["hit_step"] else f"no ({r['last_val']:.4f})"
-            rows.append([f"{r['name']} #{i + 1}", reached, f"{r['tokens'] / 1e6:.2f} M", f"{r['wall_s']:.1f} s",
+            rows.append([f"{r['name']} #{i + 1}", _reached(r), f"{r['tokens'] / 1e6:.2f} M", f"{r['wall_s']:.1f} s",
                          f"{r['last_val']:.4f} at step {r['last_step']}"])
     base = statistics.median(r["wall_s"] for r in runs["nanogpt"])
     ours = statistics.median(r["wall_s"] for r in runs["attnlab"])
@@ -128,6 +142,26 @@ def _report(runs: dict, args) -> str:
         *[f"- `{runs[n][0]['command']}`" for n in ("nanogpt", "attnlab")],
     ]
     return "\n".join(lines) + "\n"
+
+
+def _changes_report(race: list[dict], changes: dict) -> str:
+    """One row per change undone: steps and time to the target against the full recipe's (median)."""
+    base_wall = statistics.median(r["wall_s"] for r in race)
+    rows = [["the race recipe (median of the rounds)", _reached(race[0]), f"{base_wall:.1f} s", "1.00×"]]
+    for name, r in changes.items():
+        rows.append([name, _reached(r), f"{r['wall_s']:.1f} s",
+                     f"{r['wall_s'] / base_wall:.2f}×" if r["hit_step"] else "never reached"])
+    return "\n".join([
+        "", "## Each change, undone one at a time", "",
+        ("The race recipe with one of its changes reverted toward nanoGPT's recipe (same seed, same stop rule: the "
+        "first eval at or below the target, evals every 25 steps from step 250, at most 350 steps). A change pays "
+        "where undoing it costs steps or time."), "",
+        markdown_table(["change undone", f"reaches <= {RACE_TARGET}", "wall time", "÷ race recipe"], rows), "",
+    ])
+
+
+def _reached(r: dict) -> str:
+    return f"step {r['hit_step']} ({r['hit_val']:.4f})" if r["hit_step"] else f"no ({r['last_val']:.4f} at {r['last_step']})"
 
 
 if __name__ == "__main__":

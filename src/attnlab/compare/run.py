@@ -47,7 +47,7 @@ from attnlab.models.rnn import RecurrentState, RNNConfig
 from attnlab.options import check_choices, option
 from attnlab.timing import median_seconds, time_call
 from attnlab.train import train
-from attnlab.trainer import METRICS, Trainer, TrainConfig
+from attnlab.trainer import KERNELS, METRICS, Trainer, TrainConfig
 from attnlab.viz.heatmap import plot_grid
 
 MODELS = ("ngram", "mlp", "rnn", "lstm", "gru", "mha", "gqa", "mqa", "mla", "mha-moe", "mla-moe")
@@ -98,6 +98,9 @@ class CompareConfig:
     dtype: str = option("auto", "auto: bf16 autocast where it measured faster than fp32 here, else float32",
                         choices=devices.PRECISIONS)
     seed: int = option(1337, "seed of the weights, batches and samples")
+    attention_kernel: str = option("auto", "auto: whichever of fused (SDPA) and explicit measured faster here, per "
+                                   "model (the choice can flip between runs on a loaded machine: fix it to compare "
+                                   "two runs bit for bit)", choices=KERNELS)
     threads: int | None = option(None, "torch CPU threads; None: measured (torch's default unless one is faster)")
     ngram_orders: tuple[int, ...] = option((3, 4, 5, 6), "n-gram orders tried (the best on the val windows is kept)")
     rnn_layers: int = option(2, "stacked layers of the RNN members (char-rnn's default; 4 LSTM layers without residual "
@@ -331,7 +334,8 @@ def _train_config(cfg: CompareConfig, name: str, plan: dict, threads: int) -> di
             "decay_steps": plan["decay_steps"], "max_time": plan["max_time"], "lr": _peak_lr(cfg, name),
             "warmup_steps": min(cfg.warmup_steps, plan["decay_steps"] // 5), "dtype": cfg.dtype,
             "eval_interval": plan["eval_interval"], "eval_iters": 4, "log_interval": max(1, plan["eval_interval"] // 4),
-            "ckpt_interval": plan["max_steps"], "seed": cfg.seed, "threads": threads, "device": "auto"}
+            "ckpt_interval": plan["max_steps"], "seed": cfg.seed, "threads": threads, "device": "auto",
+            "attention_kernel": cfg.attention_kernel}
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
