@@ -158,3 +158,26 @@ def test_cli_context_text_out_and_refusals(tiny_checkpoint, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and message in err and "Traceback" not in err, err
     assert (out / "report.json").read_bytes() == before
+
+
+def test_gpt_hidden_states_equal_transformers_llama(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from attnlab.hf.checkpoint import from_hf_pretrained
+
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    torch.manual_seed(0)
+    theirs = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    theirs.save_pretrained(tmp_path / "llama")
+    ours = from_hf_pretrained(tmp_path / "llama")
+    ids = torch.randint(64, (2, 11))
+    with torch.no_grad():
+        expected = theirs(ids, output_hidden_states=True).hidden_states  # the last one after the final norm
+        got = ours.hidden_states(ids)
+    assert len(got) == len(expected) == 4
+    for a, b in zip(got[:-1], expected[:-1]):
+        assert torch.allclose(a, b, atol=1e-5)
+    assert torch.allclose(ours.norm_f(got[-1]), expected[-1], atol=1e-5)

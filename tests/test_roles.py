@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from attnlab import cli
-from attnlab.data.tokenizer import CharTokenizer
+from attnlab.data.tokenizer import BPETokenizer, CharTokenizer
 from attnlab.errors import ConfigError
+from attnlab.hf.export import export_hf
 from attnlab.models.gpt import GPT, GPTConfig
 from attnlab.models.pretrained import AttentionModel
 from attnlab.surgery.roles import ROLES, RoleRequest, head_roles, repeated_tokens, role_scores, save_roles
@@ -152,3 +153,17 @@ def test_cli_roles_on_a_checkpoint_folder(hand_built_folder, tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "already exists" in err and (out / "roles.json").read_bytes() == before
     assert cli.main(["roles", "--model", hand_built_folder, "--seq-len", "9"]) == 2  # 2 x 9 > block_size 16
     assert "context of 16" in capsys.readouterr().err
+
+
+def test_an_hf_folder_scores_as_the_attnlab_folder_it_was_exported_from(tmp_path):
+    pytest.importorskip("transformers")
+    tokenizer = BPETokenizer.train("to be or not to be, that is the question. " * 40, vocab_size=300)
+    cfg = GPTConfig(vocab_size=tokenizer.vocab_size, block_size=64, n_layer=2, n_head=4, n_kv_head=2, d_model=32,
+                    attention="gqa", positions="rope", norm="rmsnorm", activation="swiglu")
+    GPT(cfg).save_pretrained(tmp_path / "gpt", tokenizer)
+    export_hf(tmp_path / "gpt", tmp_path / "hf")
+    request = RoleRequest(seq_len=10, repeats=3, batch=2, seed=3)
+    ours, exported = head_roles(str(tmp_path / "gpt"), request), head_roles(str(tmp_path / "hf"), request)
+    for role in ROLES:
+        assert ours.scores[role].shape == (2, 4)
+        assert np.allclose(ours.scores[role], exported.scores[role], atol=1e-5), role
