@@ -14,6 +14,7 @@ import torch
 from attnlab import cli
 from attnlab.data.tokenizer import CharTokenizer
 from attnlab.errors import ConfigError
+from attnlab.hf.checkpoint import from_hf_pretrained
 from attnlab.models.encoder import Encoder, EncoderConfig
 from attnlab.models.gpt import GPT, GPTConfig
 from attnlab.models.pretrained import AttentionModel, load_attention_model
@@ -162,8 +163,6 @@ def test_cli_context_text_out_and_refusals(tiny_checkpoint, tmp_path, capsys):
 
 def test_gpt_hidden_states_equal_transformers_llama(tmp_path):
     transformers = pytest.importorskip("transformers")
-    from attnlab.hf.checkpoint import from_hf_pretrained
-
     config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
     torch.manual_seed(0)

@@ -16,7 +16,9 @@ from attnlab.errors import ConfigError
 from attnlab.hf.export import export_hf
 from attnlab.models.gpt import GPT, GPTConfig
 from attnlab.models.pretrained import AttentionModel
-from attnlab.surgery.roles import ROLES, RoleRequest, head_roles, repeated_tokens, role_scores, save_roles
+from attnlab.surgery.roles import (
+    ROLES, RoleRequest, copy_losses, head_roles, repeated_tokens, role_scores, save_roles,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -66,6 +68,16 @@ def test_repeated_tokens_are_copies_of_distinct_seeded_tokens():
     assert torch.equal(ids, repeated_tokens(VOCAB, request, bos_id=15, exclude={15}))
     assert not torch.equal(ids, repeated_tokens(VOCAB, RoleRequest(seq_len=L, repeats=3, batch=5, seed=8),
                                                 bos_id=15, exclude={15}))
+
+
+def test_copy_losses_split_the_first_copy_from_the_later_ones():
+    ids = repeated_tokens(VOCAB, RoleRequest(seq_len=L, repeats=2, batch=3))
+    logits = torch.zeros(3, 2 * L, VOCAB)  # uniform: ln(16) everywhere ...
+    for t in range(L, 2 * L - 1):  # ... except a sure copy of what followed in the first copy
+        logits[torch.arange(3), t, ids[:, t + 1]] = 50.0
+    losses = copy_losses((logits, None), ids, L)
+    assert losses["first_copy"] == pytest.approx(np.log(VOCAB)) and losses["later_copies"] < 1e-6
+    assert copy_losses([torch.zeros(3, 2 * L, 8)], ids, L) is None  # an encoder's hidden states: no logits
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -112,6 +112,7 @@ class RolesReport:
     scores: dict[str, np.ndarray]  # role -> (layers, heads)
     load_seconds: float = 0.0
     forward_seconds: float = 0.0
+    losses: dict[str, float] | None = None  # next-token loss in the first copy vs the later ones
 
     def flagged(self, role: str) -> list[tuple[int, int, float]]:
         """(layer, head, score) of the heads above the threshold, best first."""
@@ -138,6 +139,9 @@ class RolesReport:
             out.append(f"{LABELS[role]} (→ {TARGET[role]}): {len(found)} above {self.request.threshold:g} "
                        f"(best: layer {best[0]} head {best[1]}, {self.scores[role][best]:.3f})")
             out += [f"{bullet}layer {layer} head {head}: {score:.3f}" for layer, head, score in found]
+        if self.losses is not None:
+            out.append(f"next-token loss: {self.losses['first_copy']:.2f} nats inside the first copy (random tokens), "
+                       f"{self.losses['later_copies']:.2f} on the later copies (copying what followed before)")
         return out
 
     def format(self, fmt: str = "text") -> str:
@@ -154,7 +158,8 @@ class RolesReport:
         return {
             "model": self.model, "seq_len": r.seq_len, "repeats": r.repeats, "batch": r.batch, "seed": r.seed,
             "bos": self.bos, "threshold": r.threshold, "recipe": self.recipe(),
-            "load_seconds": round(self.load_seconds, 2), "forward_seconds": round(self.forward_seconds, 3),
+            "losses": self.losses, "load_seconds": round(self.load_seconds, 2),
+            "forward_seconds": round(self.forward_seconds, 3),
             "roles": {role: {"target": TARGET[role], "scores": self.scores[role].round(6).tolist(),
                              "heads": [{"layer": la, "head": h, "score": round(s, 6)}
                                        for la, h, s in self.flagged(role)]}
@@ -193,10 +198,27 @@ def head_roles(model: AttentionModel | str, request: RoleRequest | None = None) 
     specials = {t for t in (bos_id, getattr(model.tokenizer, "eos_id", None)) if t is not None}
     ids = repeated_tokens(model.model.config.vocab_size, request, bos_id=bos_id, exclude=specials)
     device = next(model.model.parameters()).device
+    outputs = []
     with torch.no_grad(), record_attention(model.model) as rec:
-        forward_seconds = time_call(lambda: model.model(ids.to(device)), device)
+        forward_seconds = time_call(lambda: outputs.append(model.model(ids.to(device))), device)
     scores = role_scores(rec.weights, request.seq_len, request.repeats, offset)
-    return RolesReport(model.name, request, bool(offset), scores, load_seconds, forward_seconds)
+    losses = copy_losses(outputs[0], ids, request.seq_len, offset)
+    return RolesReport(model.name, request, bool(offset), scores, load_seconds, forward_seconds, losses)
+
+
+def copy_losses(output, ids: torch.Tensor, seq_len: int, offset: int = 0) -> dict[str, float] | None:
+    """A language model's mean next-token loss inside the first copy (random: no better than ln(vocab)) and on
+    the later copies after their first token (predictable by copying: low if induction works);
+    None for a model whose forward gives no logits (an encoder)."""
+    logits = output[0] if isinstance(output, tuple) else None
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 3 or logits.shape[:2] != ids.shape:
+        return None
+    losses = torch.nn.functional.cross_entropy(
+        logits[:, :-1].float().transpose(1, 2).cpu(), ids[:, 1:], reduction="none")  # (B, T-1): loss of token t+1
+    targets = torch.arange(1, ids.size(1))  # the position each loss predicts
+    first = (targets > offset) & (targets < offset + seq_len)
+    later = targets > offset + seq_len
+    return {"first_copy": float(losses[:, first].mean()), "later_copies": float(losses[:, later].mean())}
 
 
 def plot_role(report: RolesReport, role: str):
