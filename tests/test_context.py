@@ -151,8 +151,8 @@ def test_cli_context_text_out_and_refusals(tiny_checkpoint, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "layer 0 = word-piece embedding" in text and "wrote" in text and (out / "similarity_bank.png").is_file()
     before = (out / "report.json").read_bytes()
-    for bad, message in [(argv, "already exists"), (["context", "I sat by the river.", "The bank lent money.", "--word", "bank",
-                                                  "--model", tiny_checkpoint], "not a word of sentence(s) 1"),
+    no_bank = ["context", "I sat by the river.", "The bank lent money.", "--word", "bank", "--model", tiny_checkpoint]
+    for bad, message in [(argv, "already exists"), (no_bank, "not a word of sentence(s) 1"),
                          (["context", "a bank", "the bank", "--model", tiny_checkpoint], "name the word"),
                          (["context", "only one bank", "--word", "bank"], "at least 2")]:
         assert cli.main(bad) == 2
@@ -180,3 +180,14 @@ def test_gpt_hidden_states_equal_transformers_llama(tmp_path):
     for a, b in zip(got[:-1], expected[:-1]):
         assert torch.allclose(a, b, atol=1e-5)
     assert torch.allclose(ours.norm_f(got[-1]), expected[-1], atol=1e-5)
+
+
+def test_differently_tokenized_occurrences_are_named_and_not_forced_to_one():
+    chars = sorted(set("Bank is a bank. a bank"))
+    cfg = GPTConfig(vocab_size=len(chars), block_size=32, n_layer=1, n_head=2, d_model=16)
+    model = AttentionModel("gpt", GPT(cfg).eval(), CharTokenizer(chars), 32)
+    report = contextual_similarity(model, ["Bank is a bank.", "a bank"], "BANK")
+    assert report.pieces[0] == ["B", "a", "n", "k", "b", "a", "n", "k"]  # both occurrences, averaged
+    assert report.similarity[0, 0, 1] < 1.0
+    notes = " ".join(report.notes())
+    assert "tokenized differently" in notes and "occurs more than once" in notes
