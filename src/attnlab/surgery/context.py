@@ -146,7 +146,8 @@ class ContextReport:
             row = [str(layer), *(f"{self.similarity[layer, i, j]:.3f}" for i, j in self.pairs())]
             row += [f"{m[layer]:.3f}" for m in means.values() if m is not None]
             if both:
-                row.append(f"{means['within'][layer] - means['across'][layer]:+.3f}")
+                gap = means["within"][layer] - means["across"][layer]
+                row.append(f"{0.0 if abs(gap) < 5e-4 else gap:+.3f}")  # never "-0.000"
             rows.append(row)
         return headers, rows
 
