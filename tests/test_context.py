@@ -110,7 +110,8 @@ def test_json_has_the_schema_and_more_examples(tmp_path):
     assert all(np.array(e["similarity"]).shape == (3, 3) for e in data["layers"])
     assert data["layers"][0]["similarity"] == [[1.0] * 3] * 3 and "within" in data["layers"][1]
     paths = save_context(reports + reports, tmp_path / "out")
-    assert [p.name for p in paths] == ["report.md", "report.json", "similarity_bank.png", "similarity_bank.png"]
+    assert [p.name for p in paths] == ["report.txt", "report.md", "report.json", "similarity_bank.png",
+                                    "similarity_bank.png"]
     saved = json.loads((tmp_path / "out" / "report.json").read_text())
     assert saved["word"] == "bank" and saved["more_examples"][0]["layers"] == data["layers"]
     with pytest.raises(ConfigError, match="already exists"):

@@ -136,7 +136,8 @@ def test_report_files_and_json(tmp_path):
     model = AttentionModel("hand-built", _induction_gpt(), CharTokenizer(list(CHARS)), 2 * L)
     report = head_roles(model, RoleRequest(seq_len=L, batch=2))
     paths = save_roles(report, tmp_path / "roles")
-    assert sorted(p.name for p in paths) == ["duplicate.png", "induction.png", "previous.png", "roles.json", "roles.md"]
+    assert sorted(p.name for p in paths) == ["duplicate.png", "induction.png", "previous.png", "roles.json", "roles.md",
+                                                "roles.txt"]
     data = json.loads((tmp_path / "roles" / "roles.json").read_text())
     assert np.array(data["roles"]["induction"]["scores"]).shape == (2, 2)
     assert data["roles"]["induction"]["heads"][0]["layer"] == 1 and data["threshold"] == 0.4

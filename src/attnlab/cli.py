@@ -372,7 +372,7 @@ def _add_context(sub) -> None:
     p.add_argument("--top", type=int, default=3, help="nearest words shown per sentence (default: 3)")
     p.add_argument("--format", dest="fmt", default="text", choices=["text", "md", "json"], help="default: text")
     p.add_argument("--out", default=None, metavar="DIR",
-                   help="also write report.md, report.json and a similarity-vs-layer PNG per word to this new folder")
+                   help="also write report.txt/.md/.json and a similarity-vs-layer PNG per word to this new folder")
     p.add_argument("--overwrite", action="store_true", help="allow --out to be an existing folder")
     p.set_defaults(func=_cmd_context)
 
@@ -408,7 +408,7 @@ def _add_roles(sub) -> None:
                    help=f"a head above this score is listed for the role (default: {THRESHOLD:g}, as ARENA)")
     p.add_argument("--format", dest="fmt", default="text", choices=["text", "md", "json"], help="default: text")
     p.add_argument("--out", default=None, metavar="DIR",
-                   help="also write roles.md, roles.json and a layer × head heatmap PNG per role to this new folder")
+                   help="also write roles.txt/.md/.json and a layer × head heatmap PNG per role to this new folder")
     p.add_argument("--overwrite", action="store_true", help="allow --out to be an existing folder")
     p.set_defaults(func=_cmd_roles)
 

@@ -59,7 +59,7 @@ EXAMPLES = {
         "That robot vacuum with voice control is so cool.",
     ), ("weather", "weather", "gadget", "gadget")),
 }
-REPORT_MD, REPORT_JSON = "report.md", "report.json"
+REPORT_TXT, REPORT_MD, REPORT_JSON = "report.txt", "report.md", "report.json"
 
 
 def layer_descriptions(model, n_layers: int) -> list[str]:
@@ -349,17 +349,18 @@ def plot_similarity(report: ContextReport):
 
 
 def save_context(reports: list[ContextReport], out_dir, *, overwrite: bool = False) -> list[Path]:
-    """Write report.md, report.json and similarity_<word>.png per report into ``out_dir``; an
+    """Write report.txt, report.md, report.json and similarity_<word>.png per report into ``out_dir``; an
     existing folder is refused unless ``overwrite`` (then only these files are replaced)."""
     out_dir = Path(out_dir)
     check_out_dir(out_dir, overwrite)
     figures = [(out_dir / f"similarity_{r.word}.png", plot_similarity(r)) for r in reports]
     out_dir.mkdir(parents=True, exist_ok=True)
+    write_text(out_dir / REPORT_TXT, format_reports(reports, "text"))
     write_text(out_dir / REPORT_MD, format_reports(reports, "md"))
     write_json(out_dir / REPORT_JSON, reports_json(reports))
     for path, fig in figures:
         save_figure(fig, path)
-    return [out_dir / REPORT_MD, out_dir / REPORT_JSON, *(path for path, _ in figures)]
+    return [out_dir / REPORT_TXT, out_dir / REPORT_MD, out_dir / REPORT_JSON, *(path for path, _ in figures)]
 
 
 def check_out_dir(out_dir, overwrite: bool) -> None:

@@ -39,7 +39,7 @@ ROLES = ("previous", "duplicate", "induction")
 LABELS = {"previous": "previous-token heads", "duplicate": "duplicate-token heads", "induction": "induction heads"}
 TARGET = {"previous": "i - 1", "duplicate": "i - L", "induction": "i - L + 1"}
 THRESHOLD = 0.4
-REPORT_MD, REPORT_JSON = "roles.md", "roles.json"
+REPORT_TXT, REPORT_MD, REPORT_JSON = "roles.txt", "roles.md", "roles.json"
 
 
 @dataclass(frozen=True)
@@ -241,14 +241,15 @@ def plot_role(report: RolesReport, role: str):
 
 
 def save_roles(report: RolesReport, out_dir, *, overwrite: bool = False) -> list[Path]:
-    """roles.md, roles.json and <role>.png per role in ``out_dir`` (a new folder, or an existing
+    """roles.txt, roles.md, roles.json and <role>.png per role in ``out_dir`` (a new folder, or an existing
     one with ``overwrite``)."""
     out_dir = Path(out_dir)
     check_out_dir(out_dir, overwrite)
     figures = [(out_dir / f"{role}.png", plot_role(report, role)) for role in ROLES]
     out_dir.mkdir(parents=True, exist_ok=True)
+    write_text(out_dir / REPORT_TXT, report.format("text"))
     write_text(out_dir / REPORT_MD, report.format("md"))
     write_json(out_dir / REPORT_JSON, report.to_json())
     for path, fig in figures:
         save_figure(fig, path)
-    return [out_dir / REPORT_MD, out_dir / REPORT_JSON, *(path for path, _ in figures)]
+    return [out_dir / REPORT_TXT, out_dir / REPORT_MD, out_dir / REPORT_JSON, *(path for path, _ in figures)]
