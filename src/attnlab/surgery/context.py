@@ -228,7 +228,7 @@ def _check_request(sentences, word, senses, top) -> tuple[list[str], str, list[s
         raise ConfigError(f"word={word!r} is not a word of sentence(s) {', '.join(map(str, missing))}: every sentence "
                           "must contain it (case-insensitive, as a whole word)")
     if senses is not None:
-        senses = [s.strip() for s in (senses.split(",") if isinstance(senses, str) else senses)]
+        senses = [str(s).strip() for s in (senses.split(",") if isinstance(senses, str) else senses)]
         if len(senses) != len(sentences) or not all(senses):
             raise ConfigError(f"senses={','.join(senses)!r} is not allowed: expected one non-empty label per sentence "
                               f"({len(sentences)}), e.g. money,money,river,river")
