@@ -1,4 +1,4 @@
-"""The bad-input battery: every numeric flag of train, compare and generate refuses nan, inf and
+"""The bad-input battery: every numeric flag of train, compare, generate, context and roles refuses nan, inf and
 out-of-range values with exit 2 and one line (no traceback), before anything is written; and a
 run killed before its first checkpoint can be continued with --resume."""
 
@@ -86,6 +86,18 @@ def test_every_numeric_generate_flag_refuses_nan_inf_and_negatives(gpt_folder, c
         for value in bad_values(flag, kind):
             refused(["generate", gpt_folder, "--prompt", "ab", "--max-new-tokens", "2", f"{flag}={value}"], capsys, flag)
     refused(["generate", gpt_folder, "--prompt", "ab", "--top-k", "-1"], capsys, "top_k")
+
+
+def test_every_numeric_context_and_roles_flag_refuses_nan_inf_and_negatives(gpt_folder, tmp_path, capsys):
+    commands = {"context": ["context", "a cab", "the cab", "--word", "cab"], "roles": ["roles", "--seq-len", "4"]}
+    assert {f for f, _ in numeric_flags("roles")} == {"--seq-len", "--repeats", "--batch", "--seed", "--threshold"}
+    assert {f for f, _ in numeric_flags("context")} == {"--top"}
+    for command, argv in commands.items():
+        for flag, kind in numeric_flags(command):
+            for value in bad_values(flag, kind) + (["0"] if flag != "--seed" else []):
+                out = tmp_path / command
+                refused([*argv, "--model", gpt_folder, "--out", str(out), f"{flag}={value}"], capsys, flag)
+                assert not out.exists(), (command, flag, value)
 
 
 def test_a_refused_model_config_leaves_no_folder(corpus, tmp_path, capsys):

@@ -36,6 +36,8 @@ from attnlab.models.pretrained import load_attention_model
 from attnlab.recipes import RECIPES, recipe
 from attnlab.seq2seq import LABELS as SEQ2SEQ_LABELS
 from attnlab.seq2seq import Seq2SeqConfig, run_seq2seq
+from attnlab.surgery.context import EXAMPLES, check_out_dir, context_reports, format_reports, save_context
+from attnlab.surgery.roles import THRESHOLD, RoleRequest, head_roles, save_roles
 from attnlab.train import MODEL_TYPES, train
 from attnlab.trainer import TrainConfig
 from attnlab.viz import save_views
@@ -352,6 +354,80 @@ def _cmd_heads(args) -> int:
     return 0
 
 
+def _add_context(sub) -> None:
+    p = sub.add_parser(
+        "context", help="contextual embeddings: one word's vector across sentences, cosine per layer",
+        description="Follow --word through two or more sentences: at every layer the cosine similarity between "
+                    "its vectors (a word split into pieces: their mean), and at the last layer the other words of "
+                    "each sentence nearest to it. Layer 0 is the token-embedding lookup before any attention and "
+                    "before any position term (MiniLM: before its position + token-type embeddings and LayerNorm; "
+                    "SmolLM2 uses RoPE and adds none), so identical tokens give exactly 1 there. Without TEXT: "
+                    "the built-in examples " + " and ".join(repr(w) for w in EXAMPLES) + " (two senses each).",
+    )
+    p.add_argument("text", nargs="*", metavar="TEXT", help="the sentences, each containing --word (at least two)")
+    p.add_argument("--word", default=None, help="the word to follow (without TEXT: a built-in example, default all)")
+    p.add_argument("--senses", default=None, metavar="A,B,...",
+                   help="one label per sentence (e.g. money,money,river,river): splits within- from across-sense pairs")
+    p.add_argument("--model", default="minilm", help=_MODEL_HELP)
+    p.add_argument("--top", type=int, default=3, help="nearest words shown per sentence (default: 3)")
+    p.add_argument("--format", dest="fmt", default="text", choices=["text", "md", "json"], help="default: text")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="also write report.txt/.md/.json and a similarity-vs-layer PNG per word to this new folder")
+    p.add_argument("--overwrite", action="store_true", help="allow --out to be an existing folder")
+    p.set_defaults(func=_cmd_context)
+
+
+def _cmd_context(args) -> int:
+    if args.out is not None:
+        check_out_dir(args.out, args.overwrite)  # before the model loads
+    reports = context_reports(args.model, args.text, args.word, senses=args.senses, top=args.top)
+    sys.stdout.write(format_reports(reports, args.fmt))
+    if args.out is not None:
+        for path in save_context(reports, args.out, overwrite=args.overwrite):
+            print(f"wrote {path}", file=sys.stderr if args.fmt == "json" else sys.stdout)
+    return 0
+
+
+def _add_roles(sub) -> None:
+    p = sub.add_parser(
+        "roles", help="find previous-token, duplicate-token and induction heads on repeated random tokens",
+        description="Run the model once on random token sequences of length L repeated (TransformerLens' head "
+                    "detector / ARENA's recipe) and score every head by its mean attention from position i to i-1 "
+                    "(previous token), to i-L (the same token one copy earlier: duplicate) and to i-L+1 (the token "
+                    f"that followed it: induction), the last two on the later copies. Heads above {THRESHOLD:g} "
+                    "(ARENA's cut) are listed per role.",
+    )
+    p.add_argument("--model", default="smollm2", help="smollm2, minilm, an attnlab checkpoint folder or a local HF "
+                                                       "checkpoint folder, with tokenizer.json (default: smollm2)")
+    p.add_argument("--seq-len", type=int, default=RoleRequest.seq_len, help="L, random tokens per copy (default: 50)")
+    p.add_argument("--repeats", type=int, default=RoleRequest.repeats,
+                   help="copies of each sequence, at least 2 (default: 2)")
+    p.add_argument("--batch", type=int, default=RoleRequest.batch, help="random sequences averaged over (default: 4)")
+    p.add_argument("--seed", type=int, default=RoleRequest.seed, help="seed of the random tokens (default: 0)")
+    p.add_argument("--threshold", type=float, default=THRESHOLD,
+                   help=f"a head above this score is listed for the role (default: {THRESHOLD:g}, as ARENA)")
+    p.add_argument("--format", dest="fmt", default="text", choices=["text", "md", "json"], help="default: text")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="also write roles.txt/.md/.json and a layer × head heatmap PNG per role to this new folder")
+    p.add_argument("--overwrite", action="store_true", help="allow --out to be an existing folder")
+    p.set_defaults(func=_cmd_roles)
+
+
+def _cmd_roles(args) -> int:
+    request = RoleRequest(args.seq_len, args.repeats, args.batch, args.seed, args.threshold)
+    if args.out is not None:
+        check_out_dir(args.out, args.overwrite)  # before the model loads
+    report = head_roles(args.model, request)
+    sys.stdout.write(report.format(args.fmt))
+    notes = sys.stderr if args.fmt == "json" else sys.stdout
+    print(f"model loaded in {report.load_seconds:.1f} s, one recorded forward pass in {report.forward_seconds:.2f} s",
+          file=notes)
+    if args.out is not None:
+        for path in save_roles(report, args.out, overwrite=args.overwrite):
+            print(f"wrote {path}", file=notes)
+    return 0
+
+
 def _add_export(sub) -> None:
     p = sub.add_parser(
         "export", help="write a trained attnlab GPT as a Hugging Face folder (Llama, Qwen2, GPT-2 or DeepSeek-V2/V3)",
@@ -545,8 +621,8 @@ def _cmd_env(args) -> int:
     return 0
 
 
-_COMMANDS = [_add_explain, _add_kv_table, _add_train, _add_generate, _add_viz, _add_heads, _add_export, _add_bench,
-             _add_compare, _add_seq2seq, _add_env]
+_COMMANDS = [_add_explain, _add_kv_table, _add_train, _add_generate, _add_viz, _add_heads, _add_context, _add_roles,
+             _add_export, _add_bench, _add_compare, _add_seq2seq, _add_env]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -98,8 +98,9 @@ def words(text: str) -> list[tuple[str, int, int]]:
     return [(m.group(0), m.start(), m.end()) for m in _WORD.finditer(text)]
 
 
-def _token_indices(tokenized: Tokenized, word: str, role: str) -> tuple[list[int], int]:
-    """Indices of the tokens covering every occurrence of ``word``, and how many occurrences."""
+def word_token_indices(tokenized: Tokenized, word: str, role: str) -> tuple[list[int], int]:
+    """Indices of the tokens covering every occurrence of ``word`` (case-insensitive), and how many
+    occurrences; ``role`` names the argument in the error when the word is not in the text."""
     if not isinstance(word, str) or not word.strip():
         raise ConfigError(f"{role}={word!r} is not allowed: expected a word of the text")
     found = [(s, e) for w, s, e in words(tokenized.text) if w.casefold() == word.strip().casefold()]
@@ -126,8 +127,8 @@ def attention_between(tokenized: Tokenized, weights, from_word: str, to_words) -
     if not to_words:
         raise ConfigError("to_words=[] is not allowed: name at least one word to measure attention to")
     stack = torch.from_numpy(attention_stack(tokenized.tokens, weights))  # (L, H, T, T)
-    source, n_source = _token_indices(tokenized, from_word, "from_word")
-    targets = {w: _token_indices(tokenized, w, "to_words") for w in to_words}
+    source, n_source = word_token_indices(tokenized, from_word, "from_word")
+    targets = {w: word_token_indices(tokenized, w, "to_words") for w in to_words}
     rows_of_source = stack[:, :, source, :].mean(dim=2)  # (L, H, T): mean over the from-word's pieces
     shares = {w: rows_of_source[:, :, idx].sum(dim=-1) for w, (idx, _) in targets.items()}  # (L, H) each
     n_layers, n_heads = stack.shape[:2]

@@ -115,6 +115,15 @@ class Encoder(SaveLoadMixin, nn.Module):
             hidden.append(layer(hidden[-1], mask))
         return hidden
 
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """[word-piece embedding, layer 1's output, ..., layer n's output], each (B, T, C).
+
+        Entry 0 is the word-piece lookup alone, before position and token-type embeddings and the
+        embedding LayerNorm (``forward``'s entry 0 has them), so a piece's entry 0 is the same in
+        every context; the rest are ``forward``'s."""
+        layers = self(input_ids, attention_mask)[1:]  # checks the ids first
+        return [self.wte(input_ids), *layers]
+
     def sentence_embedding(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                            *, normalize: bool = True) -> torch.Tensor:
         """(B, C): the last layer averaged over real tokens, L2-normalised by default (as

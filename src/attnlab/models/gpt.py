@@ -295,10 +295,21 @@ class GPT(SaveLoadMixin, nn.Module):
         caches: one per block (``new_caches``); positions default to start + arange(T) with
         start the number of cached tokens. Targets of -1 are ignored.
         """
+        positions, end = self._check_positions(idx, caches, positions)
+        x = self._residual_stream(idx, caches, positions, end, attn_mask)
+        logits = self.lm_head(self.norm_f(x))  # (B, T, vocab)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    def _check_positions(self, idx, caches, positions) -> tuple[torch.Tensor, int]:
+        """Check ``idx`` (and caches, positions) as ``forward`` takes them; returns the positions of
+        idx's tokens and one past the last of them."""
         if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.dtype not in (torch.int64, torch.int32):
             shown = f"{idx.dtype} tensor of shape {tuple(idx.shape)}" if isinstance(idx, torch.Tensor) else type(idx).__name__
             raise InputTypeError(f"idx must be an integer tensor (batch, seq), got {shown}")
-        B, T = idx.shape
+        T = idx.size(1)
         if caches is not None and len(caches) != len(self.blocks):
             raise ConfigError(f"caches has {len(caches)} entries: expected one per layer, n_layer={len(self.blocks)}")
         start = caches[0].length if caches is not None else 0
@@ -313,18 +324,36 @@ class GPT(SaveLoadMixin, nn.Module):
                 f"sequence reaches position {end - 1}, beyond block_size={self.config.block_size}: "
                 f"feed at most {self.config.block_size} tokens (crop the context)"
             )
+        return positions, end
+
+    def _residual_stream(self, idx, caches, positions, end: int, attn_mask, keep: list | None = None) -> torch.Tensor:
+        """The residual stream after the last block, (B, T, C); ``keep`` collects the token
+        embedding and every block's output on the way (see :meth:`hidden_states`)."""
         x = self.wte(idx)  # (B, T, C)
+        if keep is not None:
+            keep.append(x)
         if self.wpe is not None:
             x = x + self.wpe(positions)  # (T, C) or (B, T, C), broadcast over the batch
         x = self.drop(x)
         rotary = None if self.rotary is None else self.rotary.cos_sin(positions, end)  # once for all layers
         for i, block in enumerate(self.blocks):
             x = block(x, None if caches is None else caches[i], positions, attn_mask, rotary)
-        logits = self.lm_head(self.norm_f(x))  # (B, T, vocab)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
+            if keep is not None:
+                keep.append(x)
+        return x
+
+    def hidden_states(self, idx: torch.Tensor) -> list[torch.Tensor]:
+        """[token embedding, block 1's output, ..., block n's output], each (B, T, C).
+
+        Entry 0 is the embedding lookup alone, before any attention and before learned positions
+        are added (RoPE models never add one), so a token's entry 0 is the same in every context.
+        The rest are the residual stream after each block, before the final norm; ``lm_head``
+        of ``norm_f`` of the last one gives ``forward``'s logits.
+        """
+        positions, end = self._check_positions(idx, None, None)
+        keep: list[torch.Tensor] = []
+        self._residual_stream(idx, None, positions, end, None, keep)
+        return keep
 
     def new_caches(self, batch_size: int, max_len: int, *, dtype=None, device=None) -> list:
         """One empty cache per layer, the type each layer's attention needs."""
