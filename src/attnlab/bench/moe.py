@@ -162,7 +162,7 @@ def moe_report(rows: list[dict]) -> BenchReport:
              f"{label.split(':')[0]} {'×'.join(map(str, g[0]['shape']))}: {g[0]['load_imbalance']:.2f}"
              for label, g in groups.items()) + "."),
         ("- fast dispatch (attnlab/expert_dispatch.py): one stable argsort of the (token, slot) assignments by "
-         "expert and one host sync for the counts; then, a chunk of consecutive experts at a time (≈512 KiB of "
+         "expert and one host sync for the counts; then, a chunk of consecutive experts at a time (≈2 MiB of "
          "token rows, so they stay in cache): gather the rows, w1|w3 fused into one torch._grouped_mm, SiLU·up, "
          "gate weight, w2, index_add_ back; a hand-written backward walks the same chunks. The reference loops "
          "over experts with torch.where, as DeepSeek-V3's code does."),
