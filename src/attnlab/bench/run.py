@@ -81,8 +81,8 @@ def run_benchmarks(modes, *, out_dir, command: str, quick: bool = False, repeats
     machine["precision"] = {"dtype": " and ".join(dtypes), "reason": dtypes_reason}
     done = []
 
-    def write(report: BenchReport) -> None:
-        done.append((report, write_report(report, out_dir, command=command, machine=machine)))
+    def write(report: BenchReport, facts: dict | None = None) -> None:
+        done.append((report, write_report(report, out_dir, command=command, machine=facts or machine)))
 
     if progress:
         progress(f"peak: matmul GFLOP/s, {' and '.join(dtypes)}")
@@ -105,8 +105,11 @@ def run_benchmarks(modes, *, out_dir, command: str, quick: bool = False, repeats
                                    vocab_size=kw["vocab_size"]))
     if "moe" in modes:  # fp32 unless bf16 was asked for by name: the targets are fp32
         moe_dtypes = dtypes if dtype in ("bf16", "both") else ("fp32",)
+        moe_machine = {**machine, "precision": {"dtype": " and ".join(moe_dtypes), "reason": "the MoE targets are "
+                       "fp32; bf16 rows only when --dtype bf16 or both asks" if dtype not in ("bf16", "both")
+                       else dtypes_reason}}
         write(moe.moe_report(moe.run_moe(peak_gflops=measured["fp32"], device=device, progress=progress,
-                                         dtypes=moe_dtypes, **sizes["moe"])))
+                                         dtypes=moe_dtypes, **sizes["moe"])), moe_machine)
     if "train" in modes:
         kw = sizes["train"]
         rows = train.run_train(peak=measured, device=device, progress=progress, compile_presets=compiled,
