@@ -6,7 +6,8 @@ Every token is scored against ``n_routed_experts`` fine-grained SwiGLU experts, 
 always through the ``n_shared_experts``. Load is balanced by a Switch/GShard auxiliary loss, by
 DeepSeek-V3's loss-free per-expert bias, or both; a capacity factor optionally drops overflow.
 Two dispatches compute the same thing: ``"reference"`` loops over experts with index selection
-(as DeepSeek's reference code), ``"fast"`` sorts assignments by expert and runs grouped matmuls.
+(as DeepSeek's reference code), ``"fast"`` sorts assignments by expert and runs grouped matmuls
+(:mod:`attnlab.expert_dispatch`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attnlab import _checks
+from attnlab import _checks, expert_dispatch
 from attnlab.errors import ConfigError
 
 SCORE_FUNCS = ("softmax", "sigmoid")
@@ -106,21 +107,6 @@ class Experts(nn.Module):
         for w in (self.w1, self.w2, self.w3):  # nn.Linear's default range, per expert
             bound = 1.0 / math.sqrt(w.shape[-1])
             nn.init.uniform_(w, -bound, bound)
-
-
-def _grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """x (M, in) sorted by expert, counts[e] rows each; w (E, out, in) -> (M, out), block e times w[e]ᵀ."""
-    if _grouped_mm_applies(x, w):
-        offsets = counts.cumsum(0).to(torch.int32)  # end row of each expert's block
-        return torch._grouped_mm(x, w.transpose(-2, -1), offs=offsets)
-    return torch.cat([F.linear(xe, we) for xe, we in zip(x.split(counts.tolist()), w.unbind(0))])
-
-
-def _grouped_mm_applies(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """torch._grouped_mm runs on CPU for fp32/bf16/fp16 when every row stride is a multiple of 16 bytes."""
-    if not hasattr(torch, "_grouped_mm") or x.device.type != "cpu" or x.dtype == torch.float64:
-        return False
-    return all(dim * x.element_size() % 16 == 0 for dim in w.shape[1:])
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -213,23 +199,13 @@ class MoE(nn.Module):
         return y.view(shape)
 
     def _route_fast(self, x, weights, indices, counts, capacity):
-        """Sort assignments by expert, one grouped matmul per weight matrix, scatter back with index_add_."""
-        n_tokens, k = indices.shape
-        flat = indices.flatten()  # (N*k,) expert of each (token, slot) assignment
-        order = torch.argsort(flat, stable=True)  # grouped by expert, earlier tokens first within each
-        if capacity is not None:
-            starts = counts.cumsum(0) - counts  # (E,) where each expert's block begins in `order`
-            rank = torch.arange(order.numel(), device=x.device) - starts[flat[order]]  # place within its expert
-            order = order[rank < capacity]
-            counts = counts.clamp(max=capacity)
-        token = order // k  # (M,) token of each kept assignment
+        """Sort assignments by expert once, grouped matmuls with a backward that reuses the sort."""
+        order, kept = expert_dispatch.sort_by_expert(indices, counts, capacity)
+        token = order // indices.shape[1]  # (M,) token of each kept assignment
         dtype = weights.dtype
         w1, w2, w3 = (w.to(dtype) for w in (self.experts.w1, self.experts.w2, self.experts.w3))
-        xs = x.to(dtype).index_select(0, token)  # (M, d); its backward is an index_add_, not an index_put_
-        h = F.silu(_grouped_linear(xs, w1, counts)) * _grouped_linear(xs, w3, counts)  # (M, hidden)
-        h = h * weights.flatten().index_select(0, order).unsqueeze(-1)  # weight before w2: hidden < d_model
-        out = _grouped_linear(h, w2, counts)  # (M, d)
-        return x.new_zeros(n_tokens, self.d_model, dtype=dtype).index_add_(0, token, out)
+        slot_weights = weights.flatten().index_select(0, order)  # (M,)
+        return expert_dispatch.routed_experts(x.to(dtype), slot_weights, token, kept, w1, w2, w3)
 
     def _route_reference(self, x, weights, indices, counts, capacity):
         """DeepSeek's reference loop: for each expert, select its tokens, run it, add back weighted."""
