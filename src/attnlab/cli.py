@@ -587,7 +587,8 @@ def _cmd_convert(args) -> int:
               "(and report.html, results.json, ppl_vs_kv.png)")
         return 0
     if args.heal_steps:
-        raise UserError("--heal-steps belongs to --sweep; to heal one converted model run `attnlab train --init FOLDER`")
+        raise UserError(f"heal_steps={args.heal_steps} is a --sweep setting; to heal one converted model run "
+                        "`attnlab train --init FOLDER`")
     done = convert_to_folder(args.source, args.out, to=args.to, kv_rank=args.kv_rank, rope_dims=args.rope_dims,
                              rope_select=args.rope_select, kv_heads=args.kv_heads, text=args.text,
                              overwrite=args.overwrite)

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from attnlab import _checks
 from attnlab import device as devices
 from attnlab.attention.gqa import GroupedQueryAttention
 from attnlab.data.corpus import TokenDataset, encode, load_corpus
@@ -339,6 +340,9 @@ def convert_to_folder(spec: str, out, *, to: str, kv_rank: int | None = None, ro
                       overwrite: bool = False) -> dict:
     """``attnlab convert``: the converted model saved to ``out`` (config.json, model.safetensors,
     tokenizer.json, conversion.json with the settings and measurements); returns conversion.json."""
+    for name, value in (("kv_rank", kv_rank), ("rope_dims", rope_dims), ("kv_heads", kv_heads)):
+        if value is not None:
+            _checks.positive_int(name, value)
     out = check_out(out, overwrite, spec)
     torch.set_num_threads(devices.choose_threads(None)[0])  # measured: all cores can lose to one on a busy machine
     source = load_source(spec)
