@@ -168,13 +168,15 @@ def test_the_healed_sweep_writes_the_results_schema_and_its_exact_point_matches(
     assert results["report"].endswith("report.md")
 
 
-def test_convert_cli_writes_a_folder_that_generate_and_train_init_take(trained_run, tmp_path, capsys):
+def test_convert_cli_writes_a_folder_that_generate_viz_and_train_init_take(trained_run, tmp_path, capsys):
     out = tmp_path / "mla"
     assert cli.main(["convert", str(trained_run), "--to", "mla", "--kv-rank", "8", "--rope-dims", "2",
                      "--out", str(out)]) == 0
     assert "KV cache" in capsys.readouterr().out
     assert json.loads((out / "conversion.json").read_text())["kv_rank"] == 8
     assert cli.main(["generate", str(out), "--max-new-tokens", "5", "--prompt", "to be"]) == 0
+    assert cli.main(["viz", "to be or not", "--model", str(out), "--out", str(tmp_path / "viz")]) == 0
+    assert (tmp_path / "viz" / "attention.html").is_file()
     capsys.readouterr()
     healed = tmp_path / "healed"
     assert cli.main(["train", "--init", str(out), "--out", str(healed), "--corpus", str(trained_run.parent / "corpus.txt"),
@@ -199,7 +201,7 @@ def test_bad_conversions_are_refused_in_one_line_before_anything_is_written(trai
     assert "rope_dims=16" in refused(base + ["--rope-dims", "16"], capsys)  # head_dim is 8
     assert "kv_heads=3" in refused(base + ["--to", "gqa", "--kv-heads", "3"], capsys)
     assert "--sweep" in refused(base + ["--sweep", "--kv-rank", "4"], capsys)
-    assert "--heal-steps" in refused(base + ["--heal-steps", "2"], capsys)
+    assert "heal_steps=2 is a --sweep setting" in refused(base + ["--heal-steps", "2"], capsys)
     assert not out.exists()
     learned = tmp_path / "learned"
     GPT(GPTConfig(vocab_size=10, n_layer=1, n_head=2, d_model=8, block_size=8)).save_pretrained(

@@ -36,7 +36,7 @@ from attnlab.models.pretrained import load_attention_model
 from attnlab.recipes import RECIPES, recipe
 from attnlab.seq2seq import LABELS as SEQ2SEQ_LABELS
 from attnlab.seq2seq import Seq2SeqConfig, run_seq2seq
-from attnlab.surgery.convert import ROPE_SELECTS, SMOLLM2, TARGETS, convert_to_folder
+from attnlab.surgery.convert import ROPE_SELECTS, SMOLLM2, SVDS, TARGETS, convert_to_folder
 from attnlab.surgery.sweep import run_sweep
 from attnlab.train import MODEL_TYPES, train
 from attnlab.trainer import TrainConfig
@@ -550,6 +550,9 @@ def _add_convert(sub) -> None:
     p.add_argument("--rope-select", default="2norm", choices=ROPE_SELECTS,
                    help="MLA: which frequency pairs keep RoPE: 2norm (largest q·k contribution on calibration text, "
                         "MHA2MLA), high / low frequencies, or uniform (default: 2norm)")
+    p.add_argument("--svd", default="weights", choices=SVDS,
+                   help="MLA: factor [W_K_nope; W_V] by the SVD of the weights (MHA2MLA) or of the weights on the "
+                        "calibration text's inputs (activations: keeps W·X best) (default: weights)")
     p.add_argument("--kv-heads", type=int, default=None, help="--to gqa: K/V heads after mean pooling")
     p.add_argument("--text", default=None, metavar="FILE",
                    help="calibration + held-out text (.txt file or folder; default: a training run's own val split, "
@@ -590,7 +593,7 @@ def _cmd_convert(args) -> int:
         raise UserError(f"heal_steps={args.heal_steps} is a --sweep setting; to heal one converted model run "
                         "`attnlab train --init FOLDER`")
     done = convert_to_folder(args.source, args.out, to=args.to, kv_rank=args.kv_rank, rope_dims=args.rope_dims,
-                             rope_select=args.rope_select, kv_heads=args.kv_heads, text=args.text,
+                             rope_select=args.rope_select, kv_heads=args.kv_heads, text=args.text, svd=args.svd,
                              overwrite=args.overwrite)
     kv, ppl = done["kv_bytes_per_token"], done["ppl"]
     print(f"{done['source']} -> {args.to} in {done['out']}: KV cache {kv['source']:,} -> {kv['converted']:,} bytes/token "

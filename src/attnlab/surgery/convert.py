@@ -31,6 +31,7 @@ from attnlab.models.base import CONFIG_NAME, load_pretrained, load_tokenizer_fro
 from attnlab.models.gpt import GPT, GPTConfig
 
 ROPE_SELECTS = ("2norm", "high", "low", "uniform")
+SVDS = ("weights", "activations")
 TARGETS = ("mla", "gqa", "mqa")
 SMOLLM2 = "smollm2"
 EVAL_CHARS, CALIB_CHARS = 3000, 2000  # default held-out text: ~800 SmolLM2 tokens, seconds per forward on a laptop
@@ -113,11 +114,13 @@ def full_kv_rank(cfg: GPTConfig, rope_dims: int) -> int:
 
 
 def to_mla(model: GPT, *, kv_rank: int | None = None, rope_dims: int, rope_select: str = "2norm",
-           scores: torch.Tensor | None = None, mode: str = "absorbed") -> GPT:
+           scores: torch.Tensor | None = None, mode: str = "absorbed", covariances: list | None = None) -> GPT:
     """The source GPT with every attention layer replaced by MLA (a new model; the source is untouched).
 
     kv_rank: the latent's width (None: :func:`full_kv_rank`, exact when rope_dims is the head_dim);
     rope_dims: per-head dims that keep RoPE; scores: calibration scores for rope_select='2norm'.
+    covariances: per layer, the attention input's X·Xᵀ on calibration text (:func:`input_covariances`):
+    the SVD then keeps what matters for those inputs, not for the weights alone.
     """
     cfg = check_source(model)
     if cfg.qkv_bias or cfg.bias:
@@ -135,13 +138,15 @@ def to_mla(model: GPT, *, kv_rank: int | None = None, rope_dims: int, rope_selec
         mla_rope_heads=cfg.n_kv_head, mla_rope_pairs=pairs, mla_kv_norm=False, mla_mode=mode)
     state = {k: v for k, v in model.state_dict().items() if ".attn." not in k}
     for layer, block in enumerate(model.blocks):
-        for name, tensor in _mla_weights(block.attn, cfg, pairs[layer], kv_rank).items():
+        cov = None if covariances is None else covariances[layer]
+        for name, tensor in _mla_weights(block.attn, cfg, pairs[layer], kv_rank, cov).items():
             state[f"blocks.{layer}.attn.{name}"] = tensor
     return _rebuilt(model, new_cfg, state)
 
 
 @torch.no_grad()
-def _mla_weights(attn: GroupedQueryAttention, cfg: GPTConfig, pairs: list[list[int]], kv_rank: int) -> dict:
+def _mla_weights(attn: GroupedQueryAttention, cfg: GPTConfig, pairs: list[list[int]], kv_rank: int,
+                 cov: torch.Tensor | None) -> dict:
     """One layer's MLA weights (wq, wkv_a, wkv_b, wo) from its GQA projections."""
     H, G, d = cfg.n_head, cfg.n_kv_head, cfg.head_dim
     wq = attn.q_proj.weight.double().view(H, d, -1)  # (H, d, D)
@@ -158,16 +163,49 @@ def _mla_weights(attn: GroupedQueryAttention, cfg: GPTConfig, pairs: list[list[i
     k_nope = torch.cat([wk[g, nope_dims[g]] for g in range(G)])  # (G * dn, D)
     k_rope = torch.cat([wk[g, rope_dims[g]] for g in range(G)])  # (G * dr, D)
     joint = torch.cat([k_nope, wv.reshape(G * d, -1)])  # [W_K_nope; W_V] (G * (dn + d), D)
-    u, s, vh = torch.linalg.svd(joint, full_matrices=False)
-    root = s[:kv_rank].sqrt()
-    down = root[:, None] * vh[:kv_rank]  # W_DKV (r, D)
-    up = u[:, :kv_rank] * root  # W_UKV (G * (dn + d), r)
+    up, down = _low_rank(joint, kv_rank, cov)  # W_UKV (G * (dn + d), r), W_DKV (r, D)
     dn = d - len(rope_dims[0])
     up_k, up_v = up[:G * dn].view(G, dn, kv_rank), up[G * dn:].view(G, d, kv_rank)
     wkv_b = torch.cat([torch.cat([up_k[h // group], up_v[h // group]]) for h in range(H)])  # head-major [k_nope | v]
     dtype = attn.q_proj.weight.dtype
     return {"wq.weight": torch.cat(q_rows).to(dtype), "wkv_a.weight": torch.cat([down, k_rope]).to(dtype),
             "wkv_b.weight": wkv_b.to(dtype), "wo.weight": attn.o_proj.weight.detach().clone()}
+
+
+def _low_rank(w: torch.Tensor, rank: int, cov: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """w ≈ up @ down with ``rank`` columns/rows. Without cov: the truncated SVD of w (MHA2MLA's SVD_joint,
+    split as U√S, √S·Vᵀ). With cov = X·Xᵀ of the inputs: the rank that best keeps w·X, the top left
+    singular vectors U of w·cov^½ (up = U, down = Uᵀ·w); both are exact at full rank."""
+    if cov is None:
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        root = s[:rank].sqrt()
+        return u[:, :rank] * root, root[:, None] * vh[:rank]
+    evals, evecs = torch.linalg.eigh(cov.double())
+    sqrt_cov = evecs * evals.clamp(min=evals.max() * 1e-12).sqrt()  # (D, D): sqrt_cov @ sqrt_covᵀ = cov
+    u = torch.linalg.svd(w @ sqrt_cov, full_matrices=False)[0][:, :rank]
+    return u, u.T @ w
+
+
+@torch.no_grad()
+def input_covariances(model: GPT, ids: torch.Tensor) -> list[torch.Tensor]:
+    """Per layer, X·Xᵀ / N of the attention's input (the normed hidden states, D × D, float64) on
+    calibration tokens ids (B, T): what an activation-aware SVD keeps."""
+    check_source(model)
+    covs: list[torch.Tensor | None] = [None] * len(model.blocks)
+
+    def keep(layer: int):
+        def hook(module, args):
+            x = args[0].detach().double().reshape(-1, args[0].size(-1))  # (N, D)
+            covs[layer] = x.T @ x / x.size(0)
+        return hook
+
+    hooks = [block.attn.register_forward_pre_hook(keep(i)) for i, block in enumerate(model.blocks)]
+    try:
+        model(ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    return covs
 
 
 def pool_kv_heads(model: GPT, n_kv_heads: int) -> GPT:
@@ -298,12 +336,15 @@ def kv_bytes_per_token(model: GPT, probe: int = 4) -> int:
 
 def convert(source: GPT, *, to: str, kv_rank: int | None = None, rope_dims: int | None = None,
             rope_select: str = "2norm", kv_heads: int | None = None, calib: torch.Tensor | None = None,
-            scores: torch.Tensor | None = None) -> GPT:
+            scores: torch.Tensor | None = None, svd: str = "weights", covariances: list | None = None) -> GPT:
     """One conversion by name: to="mla" (:func:`to_mla`; 2norm scores from ``scores`` or measured on
-    ``calib``), "gqa" (:func:`pool_kv_heads` to kv_heads) or "mqa" (one K/V head)."""
+    ``calib``; svd="activations" uses ``covariances`` or measures them on ``calib``), "gqa"
+    (:func:`pool_kv_heads` to kv_heads) or "mqa" (one K/V head)."""
     cfg = check_source(source)
     if to not in TARGETS:
         raise ConfigError(f"to={to!r} is not allowed: expected one of {', '.join(TARGETS)}")
+    if svd not in SVDS:
+        raise ConfigError(f"svd={svd!r} is not allowed: expected one of {', '.join(SVDS)}")
     if to == "mqa":
         return pool_kv_heads(source, 1)
     if to == "gqa":
@@ -315,7 +356,12 @@ def convert(source: GPT, *, to: str, kv_rank: int | None = None, rope_dims: int 
         if calib is None:
             raise ConfigError("rope_select='2norm' needs calibration text (or scores)")
         scores = rope_pair_scores(source, calibration_batch(source, calib))
-    return to_mla(source, kv_rank=kv_rank, rope_dims=rope_dims, rope_select=rope_select, scores=scores)
+    if svd == "activations" and covariances is None:
+        if calib is None:
+            raise ConfigError("svd='activations' needs calibration text (or covariances)")
+        covariances = input_covariances(source, calibration_batch(source, calib))
+    return to_mla(source, kv_rank=kv_rank, rope_dims=rope_dims, rope_select=rope_select, scores=scores,
+                  covariances=covariances if svd == "activations" else None)
 
 
 def default_rope_dims(cfg: GPTConfig) -> int:
@@ -337,7 +383,7 @@ def check_out(out, overwrite: bool, source: str | None = None) -> Path:
 
 def convert_to_folder(spec: str, out, *, to: str, kv_rank: int | None = None, rope_dims: int | None = None,
                       rope_select: str = "2norm", kv_heads: int | None = None, text: str | None = None,
-                      overwrite: bool = False) -> dict:
+                      svd: str = "weights", overwrite: bool = False) -> dict:
     """``attnlab convert``: the converted model saved to ``out`` (config.json, model.safetensors,
     tokenizer.json, conversion.json with the settings and measurements); returns conversion.json."""
     for name, value in (("kv_rank", kv_rank), ("rope_dims", rope_dims), ("kv_heads", kv_heads)):
@@ -348,12 +394,13 @@ def convert_to_folder(spec: str, out, *, to: str, kv_rank: int | None = None, ro
     source = load_source(spec)
     calib, held_out, text_name = texts(source, text)
     model = convert(source.model, to=to, kv_rank=kv_rank, rope_dims=rope_dims, rope_select=rope_select,
-                    kv_heads=kv_heads, calib=calib)
+                    kv_heads=kv_heads, calib=calib, svd=svd)
     cfg = model.config
     summary = {
         "source": source.name, "to": to, "text": text_name, "held_out_tokens": len(held_out),
         "kv_rank": cfg.kv_lora_rank if to == "mla" else None, "rope_dims": cfg.qk_rope_head_dim if to == "mla" else None,
-        "rope_select": rope_select if to == "mla" else None, "kv_heads": cfg.n_kv_head if to != "mla" else None,
+        "rope_select": rope_select if to == "mla" else None, "svd": svd if to == "mla" else None,
+        "kv_heads": cfg.n_kv_head if to != "mla" else None,
         "kv_bytes_per_token": {"source": kv_bytes_per_token(source.model), "converted": kv_bytes_per_token(model)},
         "ppl": {"source": perplexity(source.model, held_out), "converted": perplexity(model, held_out)},
     }

@@ -28,18 +28,24 @@ from attnlab.models.gpt import GPT, GPTConfig
 from attnlab.options import merge
 from attnlab.report_blocks import new_figure, render_html, render_markdown, save_figure
 from attnlab.surgery.convert import (Source, check_out, check_source, convert, default_rope_dims, full_kv_rank,
-                                     kv_bytes_per_token, load_source, perplexity, rope_pair_scores,
-                                     calibration_batch, texts)
+                                     input_covariances, kv_bytes_per_token, load_source, perplexity,
+                                     rope_pair_scores, calibration_batch, texts)
 from attnlab.trainer import TrainConfig, Trainer
 
 RESULTS, REPORT_MD, REPORT_HTML, PLOT = "results.json", "report.md", "report.html", "ppl_vs_kv.png"
 TRAIN_CONFIG = "train_config.json"
-POINT_KEYS = ("label", "method", "kv_rank", "rope_dims", "rope_select", "kv_heads", "healed", "train_steps",
+POINT_KEYS = ("label", "method", "kv_rank", "rope_dims", "rope_select", "svd", "kv_heads", "healed", "train_steps",
               "kv_bytes_per_token", "kv_fraction", "ppl", "seconds")
 
 
-def _mla(rank: int, rope_dims: int, select: str = "2norm") -> dict:
-    return {"method": "mla", "kv_rank": rank, "rope_dims": rope_dims, "rope_select": select, "kv_heads": None}
+def _mla(rank: int, rope_dims: int, select: str = "2norm", svd: str = "weights") -> dict:
+    return {"method": "mla", "kv_rank": rank, "rope_dims": rope_dims, "rope_select": select, "svd": svd,
+            "kv_heads": None}
+
+
+def _other(method: str, kv_heads: int | None = None) -> dict:
+    return {"method": method, "kv_rank": None, "rope_dims": None, "rope_select": None, "svd": None,
+            "kv_heads": kv_heads}
 
 
 def _ranks(cfg: GPTConfig) -> list[int]:
@@ -60,8 +66,8 @@ def sweep_specs(cfg: GPTConfig) -> list[dict]:
     specs += [_mla(rank, rope) for rank in _ranks(cfg)]
     specs += [_mla(mid, dims) for dims in sorted({max(2, rope // 2), min(d, 2 * rope)} - {rope})]
     specs += [_mla(mid, rope, select) for select in ("high", "low", "uniform")]
-    specs += [{"method": "mqa" if n == 1 else "gqa", "kv_rank": None, "rope_dims": None, "rope_select": None,
-               "kv_heads": n} for n in range(cfg.n_kv_head - 1, 0, -1) if cfg.n_kv_head % n == 0]
+    specs += [_mla(rank, rope, svd="activations") for rank in _ranks(cfg)]
+    specs += [_other("mqa" if n == 1 else "gqa", n) for n in range(cfg.n_kv_head - 1, 0, -1) if cfg.n_kv_head % n == 0]
     return specs
 
 
@@ -71,14 +77,16 @@ def label(spec: dict) -> str:
     if spec["method"] in ("gqa", "mqa"):
         return f"{spec['method'].upper()} {spec['kv_heads']} K/V head{'s' if spec['kv_heads'] > 1 else ''}"
     prefix = "MLA from scratch" if spec["method"] == "scratch" else "MLA"
-    return f"{prefix} r={spec['kv_rank']} rope={spec['rope_dims']} {spec['rope_select']}"
+    svd = " act-SVD" if spec["svd"] == "activations" and spec["method"] != "scratch" else ""
+    return f"{prefix} r={spec['kv_rank']} rope={spec['rope_dims']} {spec['rope_select']}{svd}"
 
 
-def _convert(source: Source, spec: dict, scores) -> GPT:
+def _convert(source: Source, spec: dict, calibration: dict) -> GPT:
     if spec["method"] == "original":
         return source.model
     return convert(source.model, to=spec["method"], kv_rank=spec["kv_rank"], rope_dims=spec["rope_dims"],
-                   rope_select=spec["rope_select"], kv_heads=spec["kv_heads"], scores=scores)
+                   rope_select=spec["rope_select"], kv_heads=spec["kv_heads"], svd=spec["svd"] or "weights",
+                   **calibration)
 
 
 def heal_config(source: Source, steps: int) -> TrainConfig:
@@ -125,12 +133,12 @@ def _measure(model: GPT, spec: dict, held_out, original: dict | None, started: f
     return {key: point[key] for key in POINT_KEYS}
 
 
-def run_points(source: Source, held_out, scores, heal_steps: int, emit: Callable[[dict], None]) -> list[dict]:
+def run_points(source: Source, held_out, calibration: dict, heal_steps: int,
+               emit: Callable[[dict], None]) -> list[dict]:
     """Every point of the sweep, measured; with heal_steps > 0 each also healed from a copy (the
     training-free point and the source stay as they were), then one MLA trained from scratch."""
     cfg = source.model.config
-    specs = [{"method": "original", "kv_rank": None, "rope_dims": None, "rope_select": None, "kv_heads": None}]
-    specs += sweep_specs(cfg)
+    specs = [_other("original"), *sweep_specs(cfg)]
     points: list[dict] = []
     total = len(specs) * (2 if heal_steps else 1) + (1 if heal_steps else 0)
 
@@ -140,7 +148,7 @@ def run_points(source: Source, held_out, scores, heal_steps: int, emit: Callable
 
     for spec in specs:
         started = time.monotonic()
-        model = _convert(source, spec, scores)
+        model = _convert(source, spec, calibration)
         add(_measure(model, spec, held_out, points[0] if points else None, started, 0))
         if heal_steps:
             started = time.monotonic()
@@ -148,7 +156,7 @@ def run_points(source: Source, held_out, scores, heal_steps: int, emit: Callable
     if heal_steps:
         spec = middle_spec(cfg)
         started = time.monotonic()
-        shape = _convert(source, spec, scores).config
+        shape = _convert(source, spec, calibration).config
         torch.manual_seed(heal_config(source, heal_steps).seed)
         scratch = heal(GPT(shape), source, heal_steps)
         add(_measure(scratch, {**spec, "method": "scratch"}, held_out, points[0], started, heal_steps))
@@ -177,8 +185,9 @@ def run_sweep(spec: str, out, *, text: str | None = None, heal_steps: int = 0, o
         raise ConfigError("heal_steps needs a training run folder (attnlab train's --out, with data/) as the source: "
                           "it fine-tunes on that run's training split")
     calib, held_out, text_name = texts(source, text)
-    scores = rope_pair_scores(source.model, calibration_batch(source.model, calib))
-    points = run_points(source, held_out, scores, heal_steps, progress or (lambda event: None))
+    batch = calibration_batch(source.model, calib)
+    calibration = {"scores": rope_pair_scores(source.model, batch), "covariances": input_covariances(source.model, batch)}
+    points = run_points(source, held_out, calibration, heal_steps, progress or (lambda event: None))
     results = {
         "source": source.name,
         "source_attention": {"attention": cfg.attention, "n_head": cfg.n_head, "n_kv_head": cfg.n_kv_head,
@@ -261,8 +270,10 @@ def write_report(out: Path, results: dict) -> None:
         ("list", _seen(results)),
         ("img", PLOT, "perplexity against KV-cache bytes per token"),
         ("table", headers, rows),
-        ("p", "MLA r = latent width (kv_lora_rank, shared by every head), rope = per-head dims that keep RoPE, "
-              "one RoPE key per original K/V head; GQA/MQA: K/V heads mean-pooled."),
+        ("p", "MLA r = latent width (kv_lora_rank, shared by every head), rope = per-head dims that keep RoPE "
+              "(one RoPE key per original K/V head), then which pairs keep it; [W_K_nope; W_V] factored by the "
+              "truncated SVD of the weights (MHA2MLA) or, act-SVD, of the weights times the calibration inputs' "
+              "covariance root (keeps W·X best). GQA/MQA: K/V heads mean-pooled."),
         ("pre", f"command: {results['command']}\nmachine: {devices.describe_machine(results['machine'])}\n"
                 f"date: {results['machine']['date']}"),
     ]
