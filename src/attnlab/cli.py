@@ -572,8 +572,9 @@ def _sweep_progress(enabled: bool):
 
     def show(event: dict) -> None:
         if enabled and event["event"] == "point":
-            healed = f" healed {event['train_steps']} steps" if event["train_steps"] else ""
-            console.print(f"[{event['index']}/{event['total']}] {event['label']}{healed}: ppl {event['ppl']:.3f}, "
+            steps = event["train_steps"]
+            trained = f" healed {steps} steps" if event["healed"] else f" trained {steps} steps" if steps else ""
+            console.print(f"[{event['index']}/{event['total']}] {event['label']}{trained}: ppl {event['ppl']:.3f}, "
                           f"{event['kv_bytes_per_token']:,} KV bytes/token ({event['seconds']:.1f} s)", style="dim")
 
     return show
