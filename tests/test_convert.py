@@ -17,8 +17,8 @@ from attnlab.generate import generate
 from attnlab.models import load_pretrained
 from attnlab.models.gpt import GPT, GPTConfig
 from attnlab.surgery import sweep
-from attnlab.surgery.convert import (full_kv_rank, kv_bytes_per_token, pool_kv_heads, rope_pair_scores,
-                                     select_rope_pairs, to_mla)
+from attnlab.surgery.convert import (full_kv_rank, input_covariances, kv_bytes_per_token, pool_kv_heads,
+                                     rope_pair_scores, select_rope_pairs, to_mla)
 from attnlab.train import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -94,6 +94,31 @@ def test_2norm_picks_the_pairs_with_the_largest_query_key_norms_per_kv_head():
             assert chosen == sorted(scores[layer, g].topk(2).indices.tolist())
     converted = to_mla(source, rope_dims=4, kv_rank=20, scores=scores)
     assert converted.config.mla_rope_pairs == pairs
+
+
+def test_activation_aware_svd_is_exact_at_full_rank_and_keeps_the_calibration_outputs_better():
+    source, x = gqa_gpt(), ids()
+    covs = input_covariances(source, x)
+    full = to_mla(source, rope_dims=16, rope_select="high", covariances=covs)
+    torch.testing.assert_close(full(x)[0], source(x)[0], atol=2e-5, rtol=1e-5)
+    with torch.no_grad():
+        h = source.blocks[0].norm1(source.wte(x)).reshape(-1, 48).double()  # layer 0's calibration inputs
+    aware = to_mla(source, rope_dims=2, kv_rank=12, rope_select="high", covariances=covs)
+    plain = to_mla(source, rope_dims=2, kv_rank=12, rope_select="high")
+    assert _nope_error(aware, source, h) < 0.9 * _nope_error(plain, source, h)
+    assert _nope_error(to_mla(source, rope_dims=2, rope_select="high", covariances=covs), source, h) < 1e-5
+
+
+@torch.no_grad()
+def _nope_error(model, source, h) -> float:
+    """‖(W - W')·X‖ / ‖W·X‖ for [W_K_nope; W_V] of layer 0 with RoPE on pair 0 (dims 0, 8) of every head."""
+    mla, attn = model.blocks[0].attn, source.blocks[0].attn
+    nope = [i for i in range(16) if i not in (0, 8)]
+    w = torch.cat([attn.k_proj.weight.view(3, 16, 48)[:, nope].reshape(-1, 48), attn.v_proj.weight]).double()
+    r = mla.kv_lora_rank
+    up = mla.wkv_b.weight.double().view(6, 14 + 16, r)[::2]  # one query head per K/V head: (3, 30, r)
+    rebuilt = torch.cat([up[:, :14].reshape(-1, r), up[:, 14:].reshape(-1, r)]) @ mla.wkv_a.weight[:r].double()
+    return float(((w - rebuilt) @ h.T).norm() / (w @ h.T).norm())
 
 
 def test_pooling_groups_of_one_is_the_source_and_pooling_takes_the_mean_of_each_group():
