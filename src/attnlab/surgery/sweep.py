@@ -4,8 +4,8 @@ Every point converts the source afresh (:mod:`attnlab.surgery.convert`) and meas
 perplexity on held-out text and KV-cache bytes per token (decoded into the model's own caches).
 Points: MLA at several latent ranks (MHA2MLA's d_kv = head_dim/2, /4, /8 per K/V head, with
 head_dim/8 RoPE dims) and one that keeps everything (must match the source), other RoPE widths
-and the four RoPE-pair criteria at one rank, and K/V heads mean-pooled to every smaller group
-count. Training-free by default; with ``heal_steps`` every point (and the source) is fine-tuned
+and the four RoPE-pair criteria at one rank, the activation-aware SVD at every rank, and K/V
+heads mean-pooled to every smaller group count. Training-free by default; with ``heal_steps`` every point (and the source) is fine-tuned
 for the same number of steps by the one Trainer, next to an MLA GPT trained from scratch for that
 budget. Writes results.json, report.md, report.html and ppl_vs_kv.png.
 """
@@ -72,6 +72,7 @@ def sweep_specs(cfg: GPTConfig) -> list[dict]:
 
 
 def label(spec: dict) -> str:
+    """How a point is named in the report, the plot and the progress lines."""
     if spec["method"] == "original":
         return "original"
     if spec["method"] in ("gqa", "mqa"):
