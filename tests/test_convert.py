@@ -50,7 +50,7 @@ def test_full_rank_mla_with_every_rope_pair_equals_the_gqa_source(interleave, mo
     torch.testing.assert_close(converted(x)[0], source(x)[0], atol=2e-5, rtol=1e-5)
 
 
-def test_full_rank_mla_equals_an_mha_source_and_partial_rope_keeps_the_rest_exact():
+def test_full_rank_mla_equals_an_mha_source():
     source, x = gqa_gpt(attention="mha", n_kv_head=None), ids()
     converted = to_mla(source, kv_rank=None, rope_dims=16, rope_select="high")
     torch.testing.assert_close(converted(x)[0], source(x)[0], atol=2e-5, rtol=1e-5)
