@@ -1,6 +1,6 @@
-"""The bad-input battery: every numeric flag of train, compare, generate, context and roles refuses nan, inf and
-out-of-range values with exit 2 and one line (no traceback), before anything is written; and a
-run killed before its first checkpoint can be continued with --resume."""
+"""The bad-input battery: every numeric flag of train, compare, generate, context, roles and convert refuses
+nan, inf and out-of-range values with exit 2 and one line (no traceback), before anything is written;
+and a run killed before its first checkpoint can be continued with --resume."""
 
 import argparse
 
@@ -98,6 +98,20 @@ def test_every_numeric_context_and_roles_flag_refuses_nan_inf_and_negatives(gpt_
                 out = tmp_path / command
                 refused([*argv, "--model", gpt_folder, "--out", str(out), f"{flag}={value}"], capsys, flag)
                 assert not out.exists(), (command, flag, value)
+
+
+def test_every_numeric_convert_flag_refuses_nan_inf_and_negatives(tmp_path, capsys):
+    source = tmp_path / "rope-gpt"
+    GPT(GPTConfig(vocab_size=5, n_layer=1, n_head=2, d_model=16, block_size=16, positions="rope")).save_pretrained(
+        source, CharTokenizer.from_text("abc "))
+    flags = numeric_flags("convert")
+    assert {"--kv-rank", "--rope-dims", "--kv-heads", "--heal-steps"} <= {f for f, _ in flags}
+    for flag, kind in flags:
+        for value in bad_values(flag, kind):
+            for mode in ([], ["--sweep"]) if flag == "--heal-steps" else ([],):
+                out = tmp_path / "converted"
+                refused(["convert", str(source), "--out", str(out), *mode, f"{flag}={value}"], capsys, flag)
+                assert not out.exists(), (flag, value)
 
 
 def test_a_refused_model_config_leaves_no_folder(corpus, tmp_path, capsys):

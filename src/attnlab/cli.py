@@ -38,6 +38,8 @@ from attnlab.seq2seq import LABELS as SEQ2SEQ_LABELS
 from attnlab.seq2seq import Seq2SeqConfig, run_seq2seq
 from attnlab.surgery.context import EXAMPLES, check_out_dir, context_reports, format_reports, save_context
 from attnlab.surgery.roles import THRESHOLD, RoleRequest, head_roles, save_roles
+from attnlab.surgery.convert import ROPE_SELECTS, SMOLLM2, SVDS, TARGETS, convert_to_folder
+from attnlab.surgery.sweep import run_sweep
 from attnlab.train import MODEL_TYPES, train
 from attnlab.trainer import TrainConfig
 from attnlab.viz import save_views
@@ -183,6 +185,9 @@ def _add_train(sub) -> None:
     p.add_argument("--recipe", default=None, choices=list(RECIPES),
                    help="start from a named recipe (" + "; ".join(f"{n}: {r.description}" for n, r in RECIPES.items())
                         + "); flags given with it override its fields")
+    p.add_argument("--init", default=None, metavar="FOLDER",
+                   help="start from the weights, architecture and tokenizer of a model folder (save_pretrained or "
+                        "attnlab convert's --out), e.g. to heal a converted model; model flags are then refused")
     p.add_argument("--model-type", default=None, choices=MODEL_TYPES,
                    help="the language model to train (default: gpt); rnn takes --cell and the shared size flags")
     _config_flags(p.add_argument_group("model (GPTConfig)"), GPTConfig, "model")
@@ -233,7 +238,7 @@ def _cmd_train(args) -> int:
     progress = _TrainProgress(main_process and not args.quiet)
     try:
         summary = train(args.out, model=model, config=config, resume=args.resume, overwrite=args.overwrite,
-                        progress=progress)
+                        progress=progress, init=args.init)
     finally:
         if progress.progress is not None:
             progress.progress.stop()
@@ -603,6 +608,76 @@ def _cmd_seq2seq(args) -> int:
     return 0
 
 
+def _add_convert(sub) -> None:
+    p = sub.add_parser(
+        "convert", help="model surgery: MHA/GQA -> MLA (partial RoPE + joint SVD) or fewer K/V heads; --sweep: ppl vs KV",
+        description="Convert the attention of SOURCE (smollm2 or an attnlab GPT folder with MHA/GQA and RoPE) without "
+                    "training and save the result as an attnlab GPT folder (loads with load_pretrained; generate, viz "
+                    "and train --init take it). --sweep instead measures perplexity against KV-cache bytes per token "
+                    "for many conversions and writes results.json, report.md, report.html and ppl_vs_kv.png.",
+    )
+    p.add_argument("source", metavar=f"{SMOLLM2}|FOLDER", help="the model to convert")
+    p.add_argument("--to", default="mla", choices=TARGETS, help="target attention (default: mla)")
+    p.add_argument("--kv-rank", type=int, default=None,
+                   help="MLA latent width per token and layer (default: the full rank, which loses nothing from the "
+                        "K/V projections)")
+    p.add_argument("--rope-dims", type=int, default=None,
+                   help="MLA: per-head query/key dims that keep RoPE, even (default: head_dim / 8)")
+    p.add_argument("--rope-select", default="2norm", choices=ROPE_SELECTS,
+                   help="MLA: which frequency pairs keep RoPE: 2norm (largest q·k contribution on calibration text, "
+                        "MHA2MLA), high / low frequencies, or uniform (default: 2norm)")
+    p.add_argument("--svd", default="weights", choices=SVDS,
+                   help="MLA: factor [W_K_nope; W_V] by the SVD of the weights (MHA2MLA) or of the weights on the "
+                        "calibration text's inputs (activations: keeps W·X best) (default: weights)")
+    p.add_argument("--kv-heads", type=int, default=None, help="--to gqa: K/V heads after mean pooling")
+    p.add_argument("--text", default=None, metavar="FILE",
+                   help="calibration + held-out text (.txt file or folder; default: a training run's own val split, "
+                        "else the end of the built-in corpus)")
+    p.add_argument("--sweep", action="store_true", help="measure ppl vs KV bytes for many conversions instead")
+    p.add_argument("--heal-steps", type=int, default=0,
+                   help="--sweep on a training run folder: fine-tune every point this many steps with the run's "
+                        "settings, next to MLA trained from scratch as long (default: 0, training-free)")
+    p.add_argument("--out", required=True, help="the converted model's folder (--sweep: the report folder)")
+    p.add_argument("--overwrite", action="store_true", help="replace the contents of an existing --out folder")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(func=_cmd_convert)
+
+
+def _sweep_progress(enabled: bool):
+    console = Console(stderr=True)
+
+    def show(event: dict) -> None:
+        if enabled and event["event"] == "point":
+            steps = event["train_steps"]
+            trained = f" healed {steps} steps" if event["healed"] else f" trained {steps} steps" if steps else ""
+            console.print(f"[{event['index']}/{event['total']}] {event['label']}{trained}: ppl {event['ppl']:.3f}, "
+                          f"{event['kv_bytes_per_token']:,} KV bytes/token ({event['seconds']:.1f} s)", style="dim")
+
+    return show
+
+
+def _cmd_convert(args) -> int:
+    if args.sweep:
+        for flag, value in (("--kv-rank", args.kv_rank), ("--rope-dims", args.rope_dims), ("--kv-heads", args.kv_heads)):
+            if value is not None:
+                raise UserError(f"{flag} chooses one conversion; --sweep runs its own list of them: pass one of the two")
+        results = run_sweep(args.source, args.out, text=args.text, heal_steps=args.heal_steps, overwrite=args.overwrite,
+                            command=command_line(), progress=_sweep_progress(not args.quiet))
+        print(f"{len(results['points'])} points in {results['wall_s']:.0f} s -> {results['report']} "
+              "(and report.html, results.json, ppl_vs_kv.png)")
+        return 0
+    if args.heal_steps:
+        raise UserError(f"heal_steps={args.heal_steps} is a --sweep setting; to heal one converted model run "
+                        "`attnlab train --init FOLDER`")
+    done = convert_to_folder(args.source, args.out, to=args.to, kv_rank=args.kv_rank, rope_dims=args.rope_dims,
+                             rope_select=args.rope_select, kv_heads=args.kv_heads, text=args.text, svd=args.svd,
+                             overwrite=args.overwrite)
+    kv, ppl = done["kv_bytes_per_token"], done["ppl"]
+    print(f"{done['source']} -> {args.to} in {done['out']}: KV cache {kv['source']:,} -> {kv['converted']:,} bytes/token "
+          f"({100 * kv['converted'] / kv['source']:.2f}%), held-out ppl {ppl['source']:.3f} -> {ppl['converted']:.3f}")
+    return 0
+
+
 def _add_env(sub) -> None:
     p = sub.add_parser(
         "env", help="what attnlab detects on this machine (CPU, bf16 speed, GPUs, extras) and what it will choose",
@@ -622,7 +697,7 @@ def _cmd_env(args) -> int:
 
 
 _COMMANDS = [_add_explain, _add_kv_table, _add_train, _add_generate, _add_viz, _add_heads, _add_context, _add_roles,
-             _add_export, _add_bench, _add_compare, _add_seq2seq, _add_env]
+             _add_convert, _add_export, _add_bench, _add_compare, _add_seq2seq, _add_env]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -26,7 +26,7 @@ from attnlab.data.corpus import TokenDataset, encode, load_corpus, split_tokens,
 from attnlab.data.tokenizer import train_tokenizer
 from attnlab.errors import ConfigError
 from attnlab.files import write_json
-from attnlab.models.base import CONFIG_NAME, model_class, read_config
+from attnlab.models.base import CONFIG_NAME, load_pretrained, load_tokenizer_from, model_class, read_config
 from attnlab.options import merge
 from attnlab.trainer import CHECKPOINT, METRICS, Trainer, TrainConfig, init_distributed, load_checkpoint
 
@@ -49,7 +49,7 @@ class _Saved:
 
 def train(out_dir, *, model=None, config: TrainConfig | dict | None = None, dataset: TokenDataset | None = None,
           resume: bool = False, overwrite: bool = False, progress: Callable[[dict], None] | None = None,
-          clock: str = "process") -> dict:
+          clock: str = "process", init: str | None = None) -> dict:
     """Train a language model into ``out_dir``; returns the trainer's summary (steps, losses, timings).
 
     model: a config object or a dict of its fields (with "model_type": "gpt" by default, "mlp", ...)
@@ -57,10 +57,13 @@ def train(out_dir, *, model=None, config: TrainConfig | dict | None = None, data
     config: a TrainConfig or a dict overriding its defaults (on resume only TrainConfig.RESUMABLE may change).
     dataset: an already prepared dataset to train on instead of reading config.corpus (attnlab compare).
     progress: called on rank 0 with {"event": "start" | "step" | "eval" | "end", ...}.
+    init: a model folder (save_pretrained, attnlab convert) to start from: its weights, architecture and
+    tokenizer (e.g. healing a converted model); model overrides are then refused.
     """
     out = Path(out_dir)
     model_over = _as_dict(model)
     train_over = _as_dict(config)
+    start = _init_from(init, model_over, resume)
     saved = _saved_run(out, resume, overwrite)
     if saved is not None:
         _check_same_run(out, saved, model_over, train_over)
@@ -79,10 +82,12 @@ def train(out_dir, *, model=None, config: TrainConfig | dict | None = None, data
         tokenizer, splits = dataset.tokenizer(), (dataset.tokens("train"), dataset.tokens("val"))
     else:  # in memory until every check has passed
         text = load_corpus(train_cfg.corpus)
-        tokenizer = train_tokenizer(train_cfg.tokenizer, text, train_cfg.vocab_size)
+        tokenizer = start[1] if start else train_tokenizer(train_cfg.tokenizer, text, train_cfg.vocab_size)
         splits = split_tokens(encode(tokenizer, text), train_cfg.val_fraction)
 
     model_fields = dict(saved.model) if saved else {**model_over, "vocab_size": tokenizer.vocab_size}
+    if start:
+        model_fields = {"model_type": start[0].model_type, **dataclasses.asdict(start[0].config)}
     model_type = model_fields.pop("model_type", "gpt")
     cls = model_class(model_type)
     model_cfg = merge(cls.config_class, {}, model_fields)
@@ -96,7 +101,7 @@ def train(out_dir, *, model=None, config: TrainConfig | dict | None = None, data
                             eval_iters=train_cfg.eval_iters, eval_batch_size=train_cfg.eval_batch_size,
                             eval_block_size=eval_block)
     torch.manual_seed(train_cfg.seed)
-    lm = cls.from_config(model_cfg).to(device)
+    lm = (start[0] if start else cls.from_config(model_cfg)).to(device)
 
     if ddp.main and (saved is None or saved.checkpoint is None):  # every check passed: now write the run
         _start_folder(out, lm, tokenizer, train_cfg, None if dataset is not None else splits)
@@ -116,6 +121,24 @@ def train(out_dir, *, model=None, config: TrainConfig | dict | None = None, data
         dist.barrier()
         dist.destroy_process_group()
     return summary
+
+
+def _init_from(init, model_over: dict, resume: bool):
+    """(model, tokenizer) of the ``init`` folder, or None without one; refuses what cannot go with it."""
+    if init is None:
+        return None
+    if resume:
+        raise ConfigError("init starts a new run from a model folder; resume continues a run: pass one of them")
+    extra = sorted(k for k in model_over if k != "model_type")
+    if extra:
+        raise ConfigError(f"init={str(init)!r} brings its own architecture: model settings {extra} cannot change it")
+    lm = load_pretrained(init)
+    tokenizer = load_tokenizer_from(init)
+    if tokenizer is None:
+        raise ConfigError(f"init={str(init)!r} has no tokenizer.json: training needs the model's own tokenizer")
+    if lm.model_type not in MODEL_TYPES:
+        raise ConfigError(f"init={str(init)!r} holds a {lm.model_type!r} model: train runs {', '.join(MODEL_TYPES)}")
+    return lm, tokenizer
 
 
 def _as_dict(config) -> dict:

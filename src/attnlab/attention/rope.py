@@ -160,6 +160,15 @@ def interleaved_to_half(w, n_heads: int):
     return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def pick_pairs(table: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
+    """Per-head columns of a cos or sin table from :meth:`RotaryEmbedding.cos_sin`: table (T, n) or
+    (B, 1, T, n), pairs (H, P) of pair indices -> (H, T, P) or (B, H, T, P), so each head turns by its
+    own subset of the table's frequencies (a model converted to partial RoPE keeps the original ones)."""
+    if table.dim() == 4:
+        table = table.squeeze(1)  # (B, T, n)
+    return table[..., pairs].movedim(-2, -3)  # (..., T, H, P) -> (..., H, T, P)
+
+
 def default_positions(start: int, length: int, device) -> tuple[torch.Tensor, int]:
     """(positions start..start+length-1, 1 + the last one): what a module attends at when not told."""
     return torch.arange(start, start + length, device=device), start + length

@@ -19,7 +19,7 @@ from attnlab import _checks
 from attnlab.attention.cache import KVCache
 from attnlab.attention.gqa import GroupedQueryAttention
 from attnlab.attention.lecture import MultiHeadAttentionWrapper
-from attnlab.attention.mla import MultiHeadLatentAttention
+from attnlab.attention.mla import MultiHeadLatentAttention, check_rope_pairs
 from attnlab.attention.rope import RotaryEmbedding, check_rope_scaling, default_positions
 from attnlab.errors import ConfigError, InputTypeError
 from attnlab.ffn import MLP, SCORE_FUNCS, MoE, SwiGLU
@@ -49,9 +49,15 @@ class GPTConfig:
     # MLA (DeepSeek-V2/V3 names); MLA always carries its own decoupled RoPE.
     q_lora_rank: int = option(0, "MLA query compression rank; 0: queries are not compressed")
     kv_lora_rank: int = option(64, "MLA latent c_kv width: what the absorbed cache holds per token")
-    qk_nope_head_dim: int = option(32, "MLA per-head query/key dims without RoPE")
+    qk_nope_head_dim: int = option(32, "MLA per-head query/key dims without RoPE (0: all of them rotate)")
     qk_rope_head_dim: int = option(16, "MLA per-head query/key dims with RoPE (one RoPE key shared by all heads)")
     v_head_dim: int = option(32, "MLA per-head value dims")
+    mla_rope_heads: int = option(1, "MLA RoPE keys per token: 1 shares one across heads (DeepSeek); a model "
+                                    "converted from GQA keeps one per original K/V head")
+    mla_rope_pairs: list | None = option(None, "MLA, per layer and RoPE key head: the frequency pairs of a head_dim-wide "
+                                               "RoPE its qk_rope dims turn by (a converted model keeps its source's); "
+                                               "None: the first pairs of a qk_rope_head_dim-wide RoPE", flag=False)
+    mla_kv_norm: bool = option(True, "MLA RMSNorm on the latent c_kv (a converted model has none, to stay exact)")
     mla_mode: str = option("naive", "naive: per-head K/V from c_kv; absorbed: weights folded, only c_kv cached",
                            choices=("naive", "absorbed"))
     ffn: str = option("dense", "one MLP per block, or a mixture of experts", choices=("dense", "moe"))
@@ -87,11 +93,11 @@ class GPTConfig:
 
     def __post_init__(self):
         check_choices(self)
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "d_model", "kv_lora_rank", "qk_nope_head_dim",
-                     "qk_rope_head_dim", "v_head_dim", "n_routed_experts", "n_activated_experts", "n_expert_groups",
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "d_model", "kv_lora_rank", "qk_rope_head_dim",
+                     "v_head_dim", "mla_rope_heads", "n_routed_experts", "n_activated_experts", "n_expert_groups",
                      "n_limited_groups"):
             _checks.positive_int(name, getattr(self, name))
-        for name in ("q_lora_rank", "n_shared_experts", "n_dense_layers"):
+        for name in ("q_lora_rank", "qk_nope_head_dim", "n_shared_experts", "n_dense_layers"):
             _checks.non_negative_int(name, getattr(self, name))
         _checks.dropout_prob(self.dropout)
         _checks.positive("route_scale", self.route_scale)
@@ -131,8 +137,25 @@ class GPTConfig:
             )
         if self.attention in ("mha", "gqa", "mqa") and self.positions == "rope" and self.head_dim % 2:
             raise ConfigError(f"head_dim={self.head_dim} is odd: RoPE needs an even head_dim")
-        if self.attention == "mla" and self.qk_rope_head_dim % 2:
+        if self.attention == "mla":
+            self._check_mla()
+
+    def _check_mla(self) -> None:
+        if self.qk_rope_head_dim % 2:
             raise ConfigError(f"qk_rope_head_dim={self.qk_rope_head_dim} is odd: RoPE rotates pairs of dimensions")
+        _checks.divisible("n_head", self.n_head, "mla_rope_heads", self.mla_rope_heads)
+        if self.mla_rope_pairs is None:
+            return
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim={self.head_dim} is odd: mla_rope_pairs index a head_dim-wide RoPE, which needs "
+                              "an even head_dim")
+        if not isinstance(self.mla_rope_pairs, (list, tuple)) or len(self.mla_rope_pairs) != self.n_layer:
+            raise ConfigError(f"mla_rope_pairs must hold one entry per layer (n_layer={self.n_layer}), got "
+                              f"{type(self.mla_rope_pairs).__name__} of length {len(self.mla_rope_pairs)}"
+                              if isinstance(self.mla_rope_pairs, (list, tuple)) else
+                              f"mla_rope_pairs must be None or a list per layer, got {self.mla_rope_pairs!r}")
+        self.mla_rope_pairs = [check_rope_pairs(layer, self.mla_rope_heads, self.qk_rope_head_dim, self.head_dim)
+                               for layer in self.mla_rope_pairs]
 
     @classmethod
     def from_dict(cls, data: dict) -> "GPTConfig":
@@ -187,7 +210,7 @@ class LectureAttention(nn.Module):
                        dtype=dtype or w.dtype, device=device or w.device)
 
 
-def _attention(cfg: GPTConfig) -> nn.Module:
+def _attention(cfg: GPTConfig, layer: int) -> nn.Module:
     if cfg.attention == "wrapper":
         return LectureAttention(cfg)
     if cfg.attention == "mla":
@@ -196,6 +219,8 @@ def _attention(cfg: GPTConfig) -> nn.Module:
             qk_nope_head_dim=cfg.qk_nope_head_dim, qk_rope_head_dim=cfg.qk_rope_head_dim,
             v_head_dim=cfg.v_head_dim, rope_theta=cfg.rope_theta, rope_interleave=cfg.rope_interleave,
             mode=cfg.mla_mode, dropout=cfg.dropout, causal=True, norm_eps=cfg.norm_eps,
+            rope_heads=cfg.mla_rope_heads, kv_norm=cfg.mla_kv_norm,
+            rope_pairs=None if cfg.mla_rope_pairs is None else cfg.mla_rope_pairs[layer], rope_table_dim=cfg.head_dim,
         )
     return GroupedQueryAttention(
         cfg.d_model, cfg.n_head, cfg.n_kv_head, head_dim=cfg.head_dim, qkv_bias=cfg.qkv_bias,
@@ -224,7 +249,7 @@ class Block(nn.Module):
     def __init__(self, cfg: GPTConfig, layer: int):
         super().__init__()
         self.norm1 = _norm(cfg)
-        self.attn = _attention(cfg)
+        self.attn = _attention(cfg, layer)
         self.norm2 = _norm(cfg)
         self.ffn = _ffn(cfg, layer)
         self.drop = nn.Dropout(cfg.dropout)
@@ -255,7 +280,9 @@ class GPT(SaveLoadMixin, nn.Module):
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.wpe = nn.Embedding(cfg.block_size, cfg.d_model) if cfg.positions == "learned" else None
         # One RoPE table for every layer (MLA always rotates its decoupled part), sliced per forward.
-        rope_dim = cfg.qk_rope_head_dim if cfg.attention == "mla" else cfg.head_dim
+        # Partial RoPE (mla_rope_pairs) picks its pairs from a head_dim-wide table, the source model's.
+        mla_partial = cfg.attention == "mla" and cfg.mla_rope_pairs is not None
+        rope_dim = cfg.qk_rope_head_dim if cfg.attention == "mla" and not mla_partial else cfg.head_dim
         uses_rope = cfg.attention == "mla" or (cfg.positions == "rope" and cfg.attention != "wrapper")
         self.rotary = RotaryEmbedding(rope_dim, cfg.rope_theta, cfg.rope_interleave, cfg.block_size,
                                       scaling=cfg.rope_scaling) if uses_rope else None
