@@ -176,18 +176,20 @@ def trained_run(tmp_path_factory):
 def test_the_healed_sweep_writes_the_results_schema_and_its_exact_point_matches(trained_run, tmp_path):
     results = sweep.run_sweep(str(trained_run), tmp_path / "sweep", heal_steps=2)
     saved = json.loads((tmp_path / "sweep" / sweep.RESULTS).read_text())
-    assert set(saved) == {"source", "source_attention", "text", "dtype", "heal_steps", "points", "wall_s", "command",
-                          "machine"}
-    assert all(set(p) == set(sweep.POINT_KEYS) for p in saved["points"])
+    assert set(saved) == {"source", "source_attention", "text", "dtype", "heal_steps", "original", "points",
+                          "references", "wall_s", "command", "machine"}
+    original = saved["original"]
+    assert original["method"] == "original" and original["ppl"] > 1 and original["kv_bytes_per_token"] > 0
+    assert all(set(p) == set(sweep.POINT_KEYS) for p in [original, *saved["points"], *saved["references"]])
+    assert {p["method"] for p in saved["points"]} == {"mla", "mqa"}
     free = [p for p in saved["points"] if p["train_steps"] == 0]
-    assert [p["label"] for p in free] == ["original"] + [sweep.label(s) for s in sweep.sweep_specs(GPTConfig(
+    assert [p["label"] for p in free] == [sweep.label(s) for s in sweep.sweep_specs(GPTConfig(
         **{k: v for k, v in json.loads((trained_run / "config.json").read_text()).items() if k != "model_type"}))]
-    exact = free[1]  # every pair, full rank
-    assert exact["kv_fraction"] == 1.0 and abs(exact["ppl"] - free[0]["ppl"]) < 1e-4 * free[0]["ppl"]
-    assert {p["method"] for p in free} == {"original", "mla", "mqa"}
+    exact = free[0]  # every pair, full rank
+    assert exact["kv_fraction"] == 1.0 and abs(exact["ppl"] - original["ppl"]) < 1e-4 * original["ppl"]
     healed = [p for p in saved["points"] if p["healed"]]
     assert len(healed) == len(free) and all(p["train_steps"] == 2 for p in healed)
-    assert saved["points"][-1]["method"] == "scratch" and not saved["points"][-1]["healed"]
+    assert [(p["method"], p["healed"]) for p in saved["references"]] == [("original", True), ("scratch", False)]
     assert {p.name for p in (tmp_path / "sweep").iterdir()} == {"results.json", "report.md", "report.html",
                                                                 "ppl_vs_kv.png"}
     assert results["report"].endswith("report.md")

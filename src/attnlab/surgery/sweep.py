@@ -196,15 +196,25 @@ def run_sweep(spec: str, out, *, text: str | None = None, heal_steps: int = 0, o
         "text": {"name": text_name, "calibration_tokens": len(calib), "held_out_tokens": len(held_out)},
         "dtype": str(source.model.wte.weight.dtype).removeprefix("torch."),
         "heal_steps": heal_steps,
-        "points": points,
+        **_split_points(points),
         "wall_s": time.monotonic() - started,
         "command": command,
         "machine": devices.machine_facts(),
     }
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / RESULTS, results)
-    write_report(out, results)
+    write_report(out, {**results, "points": points})
     return {**results, "report": str(out / REPORT_MD)}
+
+
+def _split_points(points: list[dict]) -> dict:
+    """results.json's shape: the untouched source as "original" ({"ppl", "kv_bytes_per_token", ...}), the
+    converted models as "points" (method mla | gqa | mqa), and what they are judged against when healing —
+    the source trained as long, an MLA trained from scratch as long — as "references"."""
+    original = next(p for p in points if p["method"] == "original" and not p["healed"])
+    converted = [p for p in points if p["method"] in ("mla", "gqa", "mqa")]
+    references = [p for p in points if p is not original and p not in converted]
+    return {"original": original, "points": converted, "references": references}
 
 
 def _table(points: list[dict]) -> tuple[list[str], list[list[str]]]:
