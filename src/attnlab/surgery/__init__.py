@@ -1,0 +1,1 @@
+"""Editing trained models: contextual embeddings, head ablation and roles, attention surgery."""
