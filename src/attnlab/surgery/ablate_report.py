@@ -30,6 +30,11 @@ def loss_name(results: dict) -> str:
     return "1 − cos(ablated, intact final hidden states), mean over tokens"
 
 
+def short_loss_name(results: dict) -> str:
+    """The loss in a few words, for axes and colour bars."""
+    return "LM loss (nats)" if results["kind"] == "decoder" else "1 − cos to the intact output"
+
+
 def importance_name(results: dict) -> str:
     if results["kind"] == "decoder":
         return "E_x |∂L/∂ξ_h| (Michel et al.), ℓ2-normalised per layer"
@@ -63,7 +68,7 @@ def _pruning_plot(results: dict, path: Path) -> None:
     ax.fill_between(shares, randoms.min(0), randoms.max(0), color="grey", alpha=0.25, label="random: min–max")
     ax.axhline(results["base_loss"], color="grey", linewidth=0.8)
     ax.set_xlabel("heads removed (%)")
-    ax.set_ylabel(loss_name(results))
+    ax.set_ylabel(short_loss_name(results))
     ax.set_title(f"{results['model']}: pruning heads ({results['mode']}-ablation)", fontsize=10)
     ax.legend(fontsize=8)
     with atomic_output(path) as tmp:
@@ -121,8 +126,8 @@ def write_report(out: Path, results: dict) -> list[Path]:
     write_json(paths[0], results)
     write_text(paths[1], to_markdown(results))
     _heatmap(np.asarray(results["ablation_delta"]), f"{results['model']}: loss increase, one head removed "
-             f"({results['mode']})", loss_name(results), paths[2])
-    _heatmap(np.asarray(results["importance_normalised"]), f"{results['model']}: gradient importance",
-             importance_name(results), paths[3])
+             f"({results['mode']}); {short_loss_name(results)}", "loss increase", paths[2])
+    _heatmap(np.asarray(results["importance_normalised"]), f"{results['model']}: gradient importance "
+             "(normalised per layer)", "importance", paths[3])
     _pruning_plot(results, paths[4])
     return paths
