@@ -29,6 +29,7 @@ from attnlab.surgery.ablate import (
     analyse,
     pruning_masks,
     share_before_damage,
+    spearman,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -254,6 +255,13 @@ def test_pruning_masks_remove_a_growing_prefix_of_the_order():
     assert removed[3] == set(order[:2].tolist())
 
 
+def test_spearman_is_one_for_the_same_order_and_minus_one_for_the_reverse():
+    scores = torch.tensor([[0.3, -1.0, 2.0], [0.1, 5.0, 0.0]])
+    assert spearman(scores, scores * 7 + 1) == pytest.approx(1.0)
+    assert spearman(scores, -scores) == pytest.approx(-1.0)
+    assert abs(spearman(scores, torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]))) < 1
+
+
 def test_share_before_damage_finds_where_the_curve_starts_to_climb():
     shares = (0.0, 0.25, 0.5, 0.75, 1.0)
     assert share_before_damage([1.0, 1.0, 1.05, 2.0, 11.0], shares, 1.0) == 0.5  # 10 % of +10 reached at 75 %
@@ -288,6 +296,7 @@ def test_dead_heads_are_unimportant_and_pruned_first_at_no_cost():
 def test_mean_mode_on_an_encoder_gives_a_full_report_of_numbers():
     results = analyse(AttentionModel("enc", tiny_encoder(), None, 64), ids(batch=2, length=10), mode="mean")
     assert results["kind"] == "encoder" and results["base_loss"] == 0.0
+    assert -1 <= results["spearman_ablation_vs_raw_gradient"] <= 1
     assert len(results["ablation_delta"]) == 3 and len(results["pruning"]["ablation"]) == len(SHARES)
     assert min(min(row) for row in results["ablation_delta"]) >= 0  # 1 − cos never goes below the intact 0
 

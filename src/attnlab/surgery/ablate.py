@@ -315,6 +315,7 @@ def analyse(am: AttentionModel, windows: torch.Tensor, *, mode: str = "zero", se
         "base_loss": base, "ablation_loss": ablated.tolist(), "ablation_delta": delta.tolist(),
         "importance": importance.tolist(), "importance_normalised": normalised.tolist(),
         "top_heads": top_heads(delta, normalised), "spearman_ablation_vs_gradient": spearman(delta, normalised),
+        "spearman_ablation_vs_raw_gradient": spearman(delta, importance),
         "pruning": {"shares": list(SHARES), **curves},
         "share_before_10pct_damage": {n: share_before_damage(curves[n], SHARES, base)
                                       for n in ("ablation", "gradient", *random_names)},

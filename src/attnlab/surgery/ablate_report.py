@@ -106,8 +106,9 @@ def to_markdown(results: dict) -> str:
         "Wall time: " + ", ".join(f"{k.removesuffix('_s')} {v:.1f} s" for k, v in r["wall_s"].items()), "",
         "## Heads whose removal hurts most", "",
         markdown_table(["layer.head", "loss increase", "gradient importance (normalised)"], top), "",
-        ("Rank correlation (Spearman) of loss increase and normalised gradient importance over all heads: "
-         f"{r['spearman_ablation_vs_gradient']:.2f}."), "",
+        ("Rank correlation (Spearman) of loss increase and gradient importance over all heads: "
+         f"{r['spearman_ablation_vs_gradient']:.2f} normalised per layer, {r['spearman_ablation_vs_raw_gradient']:.2f} "
+         "before normalising (normalising hides how much more some layers matter than others)."), "",
         "## Pruning: loss as heads are removed", "",
         f"Importance used for the gradient order: {importance_name(r)}. {order_text}", "",
         markdown_table(["heads removed", "ablation order", "gradient order", "random (mean)"], _pruning_rows(r)), "",
