@@ -1,6 +1,6 @@
-"""The bad-input battery: every numeric flag of train, compare, generate, context, roles and convert refuses
-nan, inf and out-of-range values with exit 2 and one line (no traceback), before anything is written;
-and a run killed before its first checkpoint can be continued with --resume."""
+"""The bad-input battery: every numeric flag of train, compare, generate, context, roles, ablate and
+convert refuses nan, inf and out-of-range values with exit 2 and one line (no traceback), before anything is
+written; and a run killed before its first checkpoint can be continued with --resume."""
 
 import argparse
 
@@ -141,3 +141,16 @@ def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_it_over(corpu
     assert len(lines) == 1 and "holds no checkpoint yet" in lines[0] and "step 0" in lines[0]
     assert [r["train_loss"] for r in read_metrics(out)] == [r["train_loss"] for r in read_metrics(tmp_path / "whole")]
     assert torch.equal(GPT.from_pretrained(out).wte.weight, GPT.from_pretrained(tmp_path / "whole").wte.weight)
+
+
+def test_every_numeric_ablate_flag_refuses_nan_inf_and_negatives(gpt_folder, corpus, tmp_path, capsys):
+    flags = numeric_flags("ablate")
+    assert {"--max-tokens", "--window", "--seed"} <= {f for f, _ in flags}
+    for flag, kind in flags:
+        for value in bad_values(flag, kind):
+            out = tmp_path / "ablate"
+            refused(["ablate", "--model", gpt_folder, "--text", corpus, "--out", str(out), "--quiet",
+                     f"{flag}={value}"], capsys, flag)
+            assert not out.exists(), (flag, value)
+    refused(["ablate", "--model", gpt_folder, "--text", corpus, "--out", str(tmp_path / "a"), "--window", "0"],
+            capsys, "window")

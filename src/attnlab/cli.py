@@ -36,6 +36,8 @@ from attnlab.models.pretrained import load_attention_model
 from attnlab.recipes import RECIPES, recipe
 from attnlab.seq2seq import LABELS as SEQ2SEQ_LABELS
 from attnlab.seq2seq import Seq2SeqConfig, run_seq2seq
+from attnlab.surgery.ablate import MODES as ABLATE_MODES
+from attnlab.surgery.ablate import AblateConfig, ablate
 from attnlab.surgery.context import EXAMPLES, check_out_dir, context_reports, format_reports, save_context
 from attnlab.surgery.roles import THRESHOLD, RoleRequest, head_roles, save_roles
 from attnlab.surgery.convert import ROPE_SELECTS, SMOLLM2, SVDS, TARGETS, convert_to_folder
@@ -678,6 +680,58 @@ def _cmd_convert(args) -> int:
     return 0
 
 
+def _add_ablate(sub) -> None:
+    p = sub.add_parser(
+        "ablate", help="which heads a pretrained model needs: one-head ablation, gradient importance, pruning curves",
+        description="Remove every attention head alone and measure the loss increase; compute Michel et al.'s "
+                    "gradient head importance; prune heads least important first (and at random) and plot the "
+                    "loss. Decoders: next-token loss on the text; encoders: 1 - cos of the final hidden states "
+                    "to the intact model's. Writes results.json, report.md and PNGs to --out.",
+    )
+    p.add_argument("--model", default="smollm2",
+                   help="smollm2 (default), minilm, an attnlab checkpoint folder or a local HF checkpoint folder")
+    p.add_argument("--text", default=None, metavar="FILE",
+                   help="a UTF-8 text file (default: a held-out slice of the built-in Shakespeare corpus)")
+    p.add_argument("--mode", default="zero", choices=list(ABLATE_MODES),
+                   help="zero: a removed head outputs 0; mean: its mean output over the text (default: zero)")
+    p.add_argument("--max-tokens", type=int, default=256, help="tokens of the text to score (default: 256)")
+    p.add_argument("--window", type=int, default=None,
+                   help="tokens per window, one example for the gradient's expectation (default: min(64, max-tokens))")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random pruning orders and probes (default: 0)")
+    p.add_argument("--out", default="runs/ablate", help="report folder (default: runs/ablate)")
+    p.add_argument("--overwrite", action="store_true", help="replace the report files in an existing --out folder")
+    p.add_argument("--quiet", action="store_true", help="no progress display")
+    p.set_defaults(func=_cmd_ablate)
+
+
+def _cmd_ablate(args) -> int:
+    config = AblateConfig(model=args.model, text=args.text, mode=args.mode, max_tokens=args.max_tokens,
+                          window=args.window, seed=args.seed)
+    console = Console(stderr=True)
+    status = None if args.quiet else console.status("loading the model and the text")
+
+    def show(event: dict) -> None:
+        if status is not None:
+            status.update(f"ablating layer {event['layer'] + 1}/{event['total']}" if event["event"] == "layer"
+                          else f"{event['phase']}")
+
+    if status is not None:
+        status.start()
+    try:
+        results = ablate(args.out, config, overwrite=args.overwrite, command=command_line(), progress=show)
+    finally:
+        if status is not None:
+            status.stop()
+    top = ", ".join(f"{h['layer']}.{h['head']} ({h['delta']:+.3f})" for h in results["top_heads"][:5])
+    damage = results["share_before_10pct_damage"]
+    print(f"{results['model']}: {results['layers']}x{results['heads']} heads on {results['tokens']} tokens, "
+          f"intact loss {results['base_loss']:.4f}; top 5 by loss increase (layer.head): {top}")
+    print(f"10 % of full-removal damage reached after removing {100 * damage['ablation']:.0f} % (ablation order), "
+          f"{100 * damage['gradient']:.0f} % (gradient order), {100 * damage['random1']:.0f} % (random); "
+          f"{results['wall_s']['total_s']:.0f} s -> {args.out}/report.md")
+    return 0
+
+
 def _add_env(sub) -> None:
     p = sub.add_parser(
         "env", help="what attnlab detects on this machine (CPU, bf16 speed, GPUs, extras) and what it will choose",
@@ -697,7 +751,7 @@ def _cmd_env(args) -> int:
 
 
 _COMMANDS = [_add_explain, _add_kv_table, _add_train, _add_generate, _add_viz, _add_heads, _add_context, _add_roles,
-             _add_convert, _add_export, _add_bench, _add_compare, _add_seq2seq, _add_env]
+             _add_ablate, _add_convert, _add_export, _add_bench, _add_compare, _add_seq2seq, _add_env]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,6 +5,7 @@ from attnlab.attention.additive import AdditiveAttention
 from attnlab.attention.cache import KVCache, LatentKVCache
 from attnlab.attention.cross import CrossAttention
 from attnlab.attention.gqa import GroupedQueryAttention
+from attnlab.attention.head_mask import collect_head_means, set_head_mask
 from attnlab.attention.kernel import attend, attend_scores, causal_mask
 from attnlab.attention.lecture import (
     CausalAttention,
@@ -31,6 +32,8 @@ __all__ = [
     "Recording",
     "RecordsAttention",
     "record_attention",
+    "set_head_mask",
+    "collect_head_means",
     "GroupedQueryAttention",
     "MultiHeadLatentAttention",
     "RotaryEmbedding",

@@ -13,15 +13,17 @@ from torch import nn
 
 from attnlab import _checks
 from attnlab.attention.cache import KVCache
+from attnlab.attention.head_mask import MasksHeads
 from attnlab.attention.record import RecordsAttention
 from attnlab.attention.rope import RotaryEmbedding, default_positions
 from attnlab.errors import InputTypeError
 
 
-class GroupedQueryAttention(RecordsAttention, nn.Module):
+class GroupedQueryAttention(RecordsAttention, MasksHeads, nn.Module):
     """Causal (by default) attention with ``n_kv_heads`` K/V heads, optional RoPE and a KV cache.
 
     ``dropout`` drops attention weights in training. ``scale`` defaults to 1/sqrt(head_dim).
+    ``head_mask`` (:mod:`attnlab.attention.head_mask`) scales each head's output before o_proj.
     """
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int | None = None, *, head_dim: int | None = None,
@@ -78,6 +80,7 @@ class GroupedQueryAttention(RecordsAttention, nn.Module):
             raise InputTypeError(f"attn_mask must be a bool tensor (True = may attend), got {shown}")
         dropout_p = self.dropout if self.training else 0.0
         y = self._attend(q, k, v, causal=self.causal, mask=attn_mask, dropout_p=dropout_p, scale=self.scale)
+        y = self._mask_heads(y)  # (B, nh, T, hs), unchanged without a head mask
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # re-assemble all heads side by side
         return self.o_proj(y)
 

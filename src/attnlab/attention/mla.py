@@ -20,6 +20,7 @@ from torch import nn
 
 from attnlab import _checks
 from attnlab.attention.cache import KVCache, LatentKVCache, kv_elements_per_token, latent_elements_per_token
+from attnlab.attention.head_mask import MasksHeads
 from attnlab.attention.record import RecordsAttention
 from attnlab.attention.rope import RotaryEmbedding, apply_rope, default_positions, pick_pairs
 from attnlab.errors import ConfigError, InputTypeError
@@ -37,7 +38,7 @@ def mla_dims(head_dim: int, *, kv_lora_rank: int | None = None) -> dict:
                 v_head_dim=head_dim)
 
 
-class MultiHeadLatentAttention(RecordsAttention, nn.Module):
+class MultiHeadLatentAttention(RecordsAttention, MasksHeads, nn.Module):
     """MLA with optional query compression (q_lora_rank > 0) and decoupled RoPE.
 
     ``module.mode`` ("naive" or "absorbed") can be switched at run time; ``new_cache`` returns
@@ -178,6 +179,7 @@ class MultiHeadLatentAttention(RecordsAttention, nn.Module):
             y = self._naive(q_nope, q_pe, c_kv, k_pe, cache, kw)
         else:
             y = self._absorbed(q_nope, q_pe, c_kv, k_pe, cache, kw)
+        y = self._mask_heads(y)  # (B, H, T, dv): both modes mask the same per-head outputs
         y = y.transpose(1, 2).reshape(B, T, H * self.v_head_dim)  # (B, T, H * dv)
         return self.wo(y)
 

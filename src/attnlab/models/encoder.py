@@ -15,6 +15,7 @@ from torch import nn
 
 from attnlab import _checks
 from attnlab.attention.gqa import GroupedQueryAttention
+from attnlab.attention.head_mask import HeadMaskMixin
 from attnlab.errors import ConfigError, InputTypeError
 from attnlab.models.base import SaveLoadMixin, register_model
 
@@ -64,9 +65,10 @@ class EncoderLayer(nn.Module):
         return self.norm2(x + self.drop(self.proj(F.gelu(self.fc(x)))))
 
 
-class Encoder(SaveLoadMixin, nn.Module):
+class Encoder(SaveLoadMixin, HeadMaskMixin, nn.Module):
     """BERT-style encoder: ``forward`` gives every layer's hidden states, ``sentence_embedding``
-    the mean over real tokens (what sentence-transformers' MiniLM returns)."""
+    the mean over real tokens (what sentence-transformers' MiniLM returns); ``set_head_mask`` /
+    ``masked_heads`` scale every layer's heads (``HeadMaskMixin``)."""
 
     model_type = MODEL_TYPE
     config_class = EncoderConfig

@@ -18,6 +18,7 @@ from torch import nn
 from attnlab import _checks
 from attnlab.attention.cache import KVCache
 from attnlab.attention.gqa import GroupedQueryAttention
+from attnlab.attention.head_mask import HeadMaskMixin
 from attnlab.attention.lecture import MultiHeadAttentionWrapper
 from attnlab.attention.mla import MultiHeadLatentAttention, check_rope_pairs
 from attnlab.attention.rope import RotaryEmbedding, check_rope_scaling, default_positions
@@ -267,9 +268,10 @@ _RESIDUAL_OUT = ("attn.proj.weight", "attn.o_proj.weight", "attn.wo.weight", "ff
                  "ffn.experts.w2", "ffn.shared_experts.w2.weight")
 
 
-class GPT(SaveLoadMixin, nn.Module):
+class GPT(SaveLoadMixin, HeadMaskMixin, nn.Module):
     """Token (+ learned position) embeddings, ``n_layer`` blocks, final norm, LM head.
-    Saved and loaded as a folder (config.json + model.safetensors) by ``SaveLoadMixin``."""
+    Saved and loaded as a folder (config.json + model.safetensors) by ``SaveLoadMixin``;
+    ``set_head_mask`` / ``masked_heads`` scale every layer's heads (``HeadMaskMixin``)."""
 
     model_type = MODEL_TYPE
     config_class = GPTConfig
