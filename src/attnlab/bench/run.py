@@ -34,7 +34,7 @@ FULL = {
     "moe": dict(d_model=512, n_routed_experts=64, n_activated_experts=6, n_shared_experts=2, expert_hidden=256,
                 tokens=4096, repeats=5),
     "train": dict(steps=5, warmup=2),
-    "smollm2": dict(prompts=smollm2.PROMPTS, new_tokens=128, rounds=1),  # ~2 minutes on 2 AVX-512 cores
+    "smollm2": dict(prompts=smollm2.PROMPTS, new_tokens=128, rounds=1),  # 4 prompts × 4 rows: minutes
 }
 COMPILED_PRESETS = ("nanogpt-cpu",)  # torch.compile takes minutes per model on 2 CPU cores
 

@@ -25,9 +25,12 @@ from attnlab.hf.smollm2 import load_smollm2, smollm2_gguf_path
 from attnlab.quantize import choose_quantization, decode_weight_bytes, quantize_int8
 from attnlab.timing import time_call
 
+# A story, a chat turn (the model's own format) and two openings of an encyclopaedic text.
 PROMPTS = (
     "Once upon a time, in a land far away,",
     "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
+    "The history of the Roman Empire",
+    "Photosynthesis is the process by which",
 )
 TRANSFORMERS = "transformers fp32"
 REFERENCE = "attnlab fp32"
