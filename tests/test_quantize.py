@@ -228,3 +228,19 @@ def test_smollm2_int8_logits_close_to_fp32_and_greedy_tokens_change_only_at_near
     clear = top2[:, 0] - top2[:, 1] > NEAR_TIE
     assert clear.float().mean() > 0.5  # most positions are not near ties
     assert torch.equal(got.argmax(-1)[clear], ref.argmax(-1)[clear])
+
+
+def test_quantize_makes_dtype_auto_fp32_on_the_cpu(tmp_path, monkeypatch):
+    folder = saved_folder(tmp_path)
+    asked = []
+    real = generate_module.load_for_generation
+
+    def load(source, device="auto", dtype="auto"):
+        asked.append(dtype)
+        return real(source, device=device, dtype=dtype)
+
+    monkeypatch.setattr(generate_module, "load_for_generation", load)
+    list(generate_text(folder, "ab", 2, quantize="int8", device="cpu"))
+    list(generate_text(folder, "ab", 2, quantize="int8", device="cpu", dtype="bfloat16"))
+    list(generate_text(folder, "ab", 2, quantize="none", device="cpu"))
+    assert asked == ["float32", "bfloat16", "auto"]

@@ -265,7 +265,8 @@ def _add_generate(sub) -> None:
                    help="keep going past the end-of-sequence token (SmolLM2's <|im_end|>) up to --max-new-tokens")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="weights and compute dtype (default auto: bf16 only where it measured faster than fp32 here)")
+                   help="weights and compute dtype (default auto: bf16 only where it measured faster than fp32 here; "
+                        "fp32 with --quantize on a CPU)")
     p.add_argument("--quantize", default="none", choices=list(QUANTIZE_CHOICES),
                    help="int8: weight-only int8 Linears (4× fewer bytes read per token than fp32); auto: int8 only "
                         "where an int8 matrix-vector product measured faster here (default: none)")

@@ -223,10 +223,14 @@ def generate_text(folder, prompt: str, max_new_tokens: int = 200, *, temperature
                   dtype: str = "auto", quantize: str = "none") -> Iterator[str]:
     """Stream the text generated after ``prompt`` by the model in ``folder``, piece by piece, ending
     at the tokenizer's end-of-sequence token (not shown) when it has one and ``stop_at_eos``.
-    ``quantize``: "none", "int8" (weight-only int8 Linears) or "auto" (int8 where it measured faster).
+    ``quantize``: "none", "int8" (weight-only int8 Linears) or "auto" (int8 where it measured faster);
+    with int8 on a CPU, dtype "auto" means fp32 for the rest of the model (the int8 Linears compute in
+    bf16 themselves; the residual stream, norms and KV cache keep fp32's precision, as in the benchmark).
     The folder, prompt and settings are checked at the call, before any text is produced."""
     _check_sampling(temperature, top_k, top_p)
     _checks.one_of("quantize", quantize, QUANTIZE_CHOICES)
+    if dtype == "auto" and quantize != "none" and devices.resolve_device(device).type == "cpu":
+        dtype = "float32"
     model, tokenizer = load_for_generation(folder, device=device, dtype=dtype)
     choice, reason = quantize_for_generation(model, quantize)
     if quantize == "auto":
