@@ -7,7 +7,6 @@ import importlib.util
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from attnlab import generate as generate_module
@@ -18,13 +17,19 @@ from attnlab.errors import ConfigError
 from attnlab.generate import generate, generate_text, quantize_for_generation
 from attnlab.hf.smollm2 import load_smollm2
 from attnlab.models.gpt import GPT, GPTConfig
-from attnlab.models.rnn import RNNConfig, RNNLM
-from attnlab.quantize import Int8Linear, choose_quantization, decode_weight_bytes, int8_weights, quantize_int8
+from attnlab.models.rnn import RNNLM, RNNConfig
+from attnlab.quantize import (
+    Int8Linear,
+    choose_quantization,
+    decode_weight_bytes,
+    int8_weights,
+    quantize_int8,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = dict(vocab_size=40, block_size=32, n_layer=2, n_head=4, n_kv_head=2, d_model=64, attention="gqa",
-            positions="rope", norm="rmsnorm", activation="swiglu", tie_embeddings=True)
+TINY = {"vocab_size": 40, "block_size": 32, "n_layer": 2, "n_head": 4, "n_kv_head": 2, "d_model": 64,
+        "attention": "gqa", "positions": "rope", "norm": "rmsnorm", "activation": "swiglu", "tie_embeddings": True}
 # Relative error of the logits, ‖int8 − fp32‖ / ‖fp32‖: int8 rounds each weight by at most half a
 # step (max|w_row| / 254) and the kernel rounds activations to 16 bits; 2% leaves a wide margin
 # over what both do on the tiny GPTs here.
@@ -97,8 +102,8 @@ def test_quantize_int8_replaces_every_linear_and_keeps_the_tied_embedding_exact(
     assert fp32_bytes / int8_bytes > 3.8  # 4× less the scales: 2 bytes per row of 64 or 128 inputs
 
 
-@pytest.mark.parametrize("variant", [dict(), dict(attention="mha", n_kv_head=None, positions="learned",
-                                                   norm="layernorm", activation="gelu", bias=True)])
+@pytest.mark.parametrize("variant", [{}, {"attention": "mha", "n_kv_head": None, "positions": "learned",
+                                         "norm": "layernorm", "activation": "gelu", "bias": True}])
 def test_int8_logits_of_a_tiny_gpt_are_close_to_fp32(variant):
     model = tiny_gpt(**variant)
     int8 = copy.deepcopy(model)

@@ -12,8 +12,8 @@ records what every generated token attended to while decoding with the cache.
 
 from __future__ import annotations
 
-from pathlib import Path
 import logging
+from pathlib import Path
 from typing import Iterator
 
 import torch

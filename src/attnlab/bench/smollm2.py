@@ -149,13 +149,13 @@ def smollm2_report(result: dict) -> BenchReport:
         body,
     )
     notes = _targets(result) + [
-        f"- bound: weight bytes per token ÷ fp32 matrix-vector bandwidth measured here, {result['gbs']:.1f} GB/s "
-        "(attention over the cache and the Python per layer are not in it).",
-        "- int8: weight-only, per-output-channel symmetric int8 (attnlab.quantize.Int8Linear on "
-        "torch.ops.aten._weight_int8pack_mm, activations rounded to bf16 for the kernel), every Linear of the 30 "
-        "blocks and the tied LM head (own int8 copy; the embedding lookup stays fp32, exact).",
-        f"- transformers {result['transformers'] or 'not installed'}: `AutoModelForCausalLM.from_pretrained(folder, "
-        "gguf_file=...)` in fp32, `generate(do_sample=False, min_new_tokens=max_new_tokens)`.",
+        (f"- bound: weight bytes per token ÷ fp32 matrix-vector bandwidth measured here, {result['gbs']:.1f} GB/s "
+         "(attention over the cache and the Python per layer are not in it)."),
+        ("- int8: weight-only, per-output-channel symmetric int8 (attnlab.quantize.Int8Linear on "
+         "torch.ops.aten._weight_int8pack_mm, activations rounded to bf16 for the kernel), every Linear of the 30 "
+         "blocks and the tied LM head (own int8 copy; the embedding lookup stays fp32, exact)."),
+        (f"- transformers {result['transformers'] or 'not installed'}: `AutoModelForCausalLM.from_pretrained(folder, "
+         "gguf_file=...)` in fp32, `generate(do_sample=False, min_new_tokens=max_new_tokens)`."),
         f"- `--quantize auto` here: {result['quantize_auto']['choice']} ({result['quantize_auto']['reason']}).",
         f"- prompts: {', '.join(repr(p) for p in result['prompts'])}; {result['rounds']} round(s), rows interleaved.",
         "- greedy tokens identical to attnlab fp32's, per prompt: " + "; ".join(
