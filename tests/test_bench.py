@@ -112,7 +112,7 @@ def test_every_mode_runs_quick_and_writes_well_formed_results(tmp_path):
     assert [report.mode for report, _ in done] == [files.get(mode, mode) for mode in MODES]
     expected_rows = {"peak": 2, "attention": len(VARIANTS), "decode": 5 * len(QUICK["decode"]["contexts"]),
                      "moe": 3, "train": 4 * 2,
-                     "smollm2_decode": 3 + ("bf16" in bench_dtypes("auto", torch.device("cpu"))[0])}
+                     "smollm2_decode": 5 + ("bf16" in bench_dtypes("auto", torch.device("cpu"))[0])}
     for report, paths in done:
         md = tmp_path / f"{report.mode}.md"
         assert md in paths

@@ -147,25 +147,29 @@ def test_mla_linears_stay_float_and_decode_the_same_cached_or_not():
 def test_choose_quantization_follows_the_request_and_the_measured_speedup(monkeypatch):
     assert choose_quantization("none") == ("none", "asked for")
     assert choose_quantization("int8") == ("int8", "asked for")
-    with pytest.raises(ConfigError, match="quantize='int4'.*'none', 'int8', 'auto'"):
-        choose_quantization("int4")
-    monkeypatch.setattr(quantize, "int8_speedup", lambda dtype: 2.0)
+    assert choose_quantization("int4") == ("int4", "asked for")
+    with pytest.raises(ConfigError, match="quantize='int2'.*'none', 'int8', 'int4', 'auto'"):
+        choose_quantization("int2")
+    monkeypatch.setattr(quantize, "quantized_speedups", lambda dtype: {"int8": 2.0, "int4": 3.0})
     choice, reason = choose_quantization("auto", "cpu", torch.float32)
-    assert choice == "int8" and "2.0× faster than float32" in reason
-    monkeypatch.setattr(quantize, "int8_speedup", lambda dtype: 1.1)
+    assert choice == "int8" and "2.0× faster than float32" in reason and "int4 only for weights" in reason
+    choice, reason = choose_quantization("auto", "cpu", torch.float32, int4_lossless=True)
+    assert choice == "int4" and "3.0× faster than float32" in reason
+    monkeypatch.setattr(quantize, "quantized_speedups", lambda dtype: {"int8": 1.1, "int4": 1.0})
     choice, reason = choose_quantization("auto", "cpu", torch.bfloat16)
     assert choice == "none" and "short of the 1.2×" in reason and "bfloat16" in reason
+    assert choose_quantization("auto", "cuda")[0] == "none"
 
 
-def test_int8_speedup_is_measured_once_per_process(monkeypatch):
-    quantize._int8_speedup.cache_clear()
+def test_quantized_speedups_are_measured_once_per_process(monkeypatch):
+    quantize._speedups.cache_clear()
     calls = []
     monkeypatch.setattr(quantize, "best_seconds", lambda fn, repeats: calls.append(fn()) or 1.0)
     monkeypatch.setattr(quantize, "_PROBE_SHAPE", (64, 32))
-    assert quantize.int8_speedup(torch.float32) == 1.0
-    assert quantize.int8_speedup(torch.float32) == 1.0
-    assert len(calls) == 6  # 3 rounds × (plain, int8), and none for the second call
-    quantize._int8_speedup.cache_clear()
+    assert quantize.quantized_speedups(torch.float32) == {"int8": 1.0, "int4": 1.0}
+    assert quantize.quantized_speedups(torch.float32) == {"int8": 1.0, "int4": 1.0}
+    assert len(calls) == 9  # 3 rounds × (plain, int8, int4), and none for the second call
+    quantize._speedups.cache_clear()
 
 
 def saved_folder(tmp_path, model_type="gpt"):
@@ -196,17 +200,17 @@ def test_generate_cli_with_quantize_int8_works_and_equals_the_library(tmp_path, 
 
 def test_quantize_bad_values_are_refused_before_loading(tmp_path, capsys):
     folder = saved_folder(tmp_path)
-    for value in ("int4", "INT8", ""):
+    for value in ("int2", "INT8", ""):
         with pytest.raises(SystemExit) as exit_:
             main(["generate", str(folder), "--prompt", "ab", "--quantize", value])
         assert exit_.value.code == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "--quantize" in err and "Traceback" not in err
-    with pytest.raises(ConfigError, match="quantize='int4'"):
-        generate_text(tmp_path / "missing", "ab", 2, quantize="int4")  # checked before the folder is read
+    with pytest.raises(ConfigError, match="quantize='int2'"):
+        generate_text(tmp_path / "missing", "ab", 2, quantize="int2")  # checked before the folder is read
     rnn = saved_folder(tmp_path, "rnn")
     assert main(["generate", str(rnn), "--prompt", "ab", "--quantize", "int8"]) == 2
-    assert "int8 weights are implemented for GPT" in capsys.readouterr().err
+    assert "quantized weights are implemented for GPT" in capsys.readouterr().err
     model = RNNLM(RNNConfig(vocab_size=5, d_model=8, n_layer=1))
     assert quantize_for_generation(model, "auto")[0] == "none"
 

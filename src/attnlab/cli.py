@@ -25,7 +25,7 @@ from attnlab.compare import LABELS, PRESETS, CompareConfig, compare
 from attnlab.env import environment, format_environment
 from attnlab.errors import UserError
 from attnlab.explain import STEPS, explain
-from attnlab.generate import PRETRAINED, attention_while_generating, generate_text
+from attnlab.generate import DRAFT_TOKENS, PRETRAINED, attention_while_generating, generate_text
 from attnlab.hf.export import export_hf
 from attnlab.kvtable import (
     BUILTIN_CONFIGS, DTYPES, KV_HEADERS, SMALL_HEADERS, kv_table, kv_title, small_model_caches, table_cells, to_markdown,
@@ -277,8 +277,14 @@ def _add_generate(sub) -> None:
                    help="weights and compute dtype (default auto: bf16 only where it measured faster than fp32 here; "
                         "fp32 with --quantize on a CPU)")
     p.add_argument("--quantize", default="none", choices=list(QUANTIZE_CHOICES),
-                   help="int8: weight-only int8 Linears (4× fewer bytes read per token than fp32); auto: int8 only "
-                        "where an int8 matrix-vector product measured faster here (default: none)")
+                   help="int8: weight-only int8 Linears (4× fewer bytes read per token than fp32); int4: 4-bit "
+                        "group codes (8×; the LM head at 8 bits); auto: the fastest measured here, int4 only where "
+                        "it is lossless (SmolLM2's GGUF is 4-bit already) (default: none)")
+    p.add_argument("--speculate", action="store_true",
+                   help="with --temperature 0 and --quantize: the quantized copy drafts tokens, the unquantized "
+                        "model checks them in one pass, so the text is the unquantized model's own greedy text")
+    p.add_argument("--draft-tokens", type=int, default=DRAFT_TOKENS,
+                   help=f"with --speculate: draft tokens per checking pass (default: {DRAFT_TOKENS})")
     p.set_defaults(func=_cmd_generate)
 
 
@@ -294,7 +300,8 @@ def _cmd_generate(args) -> int:
     pieces = generate_text(source, prompt, args.max_new_tokens, temperature=args.temperature,
                            top_k=args.top_k or None, top_p=args.top_p, seed=args.seed,
                            use_cache=not args.no_cache, stop_at_eos=not args.no_stop, device=args.device,
-                           dtype=args.dtype, quantize=args.quantize)
+                           dtype=args.dtype, quantize=args.quantize, speculate=args.speculate,
+                           draft_tokens=args.draft_tokens)
     sys.stdout.write(prompt)
     for piece in pieces:
         sys.stdout.write(piece)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from attnlab import _checks, expert_dispatch
+from attnlab.attention.fuse import concat_linears
 from attnlab.errors import ConfigError
 
 SCORE_FUNCS = ("softmax", "sigmoid")
@@ -48,9 +49,20 @@ class SwiGLU(nn.Module):
         self.w1 = nn.Linear(d_model, hidden, bias=bias)  # gate
         self.w2 = nn.Linear(hidden, d_model, bias=bias)  # down
         self.w3 = nn.Linear(d_model, hidden, bias=bias)  # up
+        self.w13 = None  # set by fuse_projections()
+
+    def fuse_projections(self) -> None:
+        """Replace w1 and w3 by one Linear ``w13`` (gate rows, then up rows): the same numbers in one
+        matmul that reads the input once, for decoding at batch 1. Irreversible."""
+        if self.w13 is None:
+            self.w13 = concat_linears([self.w1, self.w3])
+            del self.w1, self.w3
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        if self.w13 is None:
+            return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
 
 
 class Gate(nn.Module):

@@ -12,6 +12,7 @@ records what every generated token attended to while decoding with the cache.
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 from typing import Iterator
@@ -29,9 +30,11 @@ from attnlab.models.gpt import GPT
 from attnlab.hf.checkpoint import DECODERS, from_hf_pretrained, hf_model_type
 from attnlab.hf.smollm2 import load_smollm2
 from attnlab.hf.tokenizer import hf_tokenizer
-from attnlab.quantize import QUANTIZE_CHOICES, choose_quantization, quantize_int8
+from attnlab.quantize import QUANTIZE_CHOICES, choose_quantization, int4_lossless, quantize_int4, quantize_int8
 
 log = logging.getLogger("attnlab")
+# Draft tokens per verifying pass of speculative decoding (the model checks them all at once).
+DRAFT_TOKENS = 16
 
 
 def _check_sampling(temperature, top_k, top_p) -> None:
@@ -120,6 +123,90 @@ def _stream(model, idx, max_new_tokens, temperature, top_k, top_p, generator, us
         model.train(was_training)
 
 
+def speculative_tokens(model, draft, idx: torch.Tensor, max_new_tokens: int, *, draft_tokens: int = DRAFT_TOKENS,
+                       stop_ids=None, stats: dict | None = None) -> Iterator[torch.Tensor]:
+    """Greedy decoding of ``model`` sped up by ``draft`` (a cheaper model over the same vocabulary,
+    e.g. a quantized copy): the draft proposes up to ``draft_tokens`` tokens one by one, ``model``
+    checks them all in one forward pass over its KV cache, the agreeing prefix is kept and ``model``'s
+    own token follows it (Leviathan et al. 2023, greedy case). The tokens are ``model``'s greedy
+    tokens whatever the draft proposes — the draft only decides how many come per pass — so they equal
+    ``stream_tokens(model, idx, max_new_tokens, temperature=0)`` up to the last bits of ``model``'s
+    arithmetic on several positions at once. Batch 1; yields (1,) ids. ``stats``, if given, receives
+    the passes, proposed and accepted draft tokens. Past the block size it goes on without the draft."""
+    if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.dtype != torch.int64 or idx.size(0) != 1:
+        raise InputTypeError("idx must be an int64 tensor (1, seq) of token ids: speculative decoding runs one sequence")
+    if idx.size(1) == 0:
+        raise ConfigError("the prompt is empty: generation needs at least one token to start from")
+    if not isinstance(model, GPT) or not isinstance(draft, GPT):
+        raise ConfigError("speculative decoding needs an attnlab GPT as the model and as the draft")
+    if draft.config.vocab_size != model.config.vocab_size:
+        raise ConfigError(f"the draft has vocab_size={draft.config.vocab_size} but the model "
+                          f"{model.config.vocab_size}: they must share the vocabulary")
+    _checks.non_negative_int("max_new_tokens", max_new_tokens)
+    _checks.positive_int("draft_tokens", draft_tokens)
+    stop = _check_stop_ids(stop_ids, model.config.vocab_size)
+    return _speculate(model, draft, idx, max_new_tokens, draft_tokens, stop, {} if stats is None else stats)
+
+
+def _propose(draft, caches, pending: torch.Tensor, k: int) -> torch.Tensor:
+    """k greedy draft tokens (k,) after the tokens ``pending`` (1, P) the draft has not read yet."""
+    proposals = []
+    x = pending
+    for _ in range(k):
+        logits, _ = draft(x, caches=caches)
+        x = logits[:, -1].argmax(dim=-1, keepdim=True)  # (1, 1)
+        proposals.append(x[0])
+    return torch.cat(proposals)
+
+
+@torch.no_grad()
+def _speculate(model, draft, idx, n, k_max, stop, stats):
+    stats.update(passes=0, proposed=0, accepted=0)
+    block = min(model.config.block_size, draft.config.block_size)
+    cache_len = min(block, idx.size(1) + n + k_max)
+    modes = model.training, draft.training
+    model.eval(), draft.eval()
+    try:
+        if n == 0:
+            return
+        caches, draft_caches = model.new_caches(1, cache_len), draft.new_caches(1, cache_len)
+        logits, _ = model(idx[:, -block:], caches=caches)
+        cur = logits[:, -1].argmax(dim=-1)  # (1,): model's next token, not in its cache yet
+        draft(idx[:, -block:], caches=draft_caches)
+        pending, produced, seq = cur.view(1, 1), 0, idx
+        while True:
+            yield cur
+            produced, seq = produced + 1, torch.cat([seq, cur.view(1, 1)], dim=1)
+            if produced == n or int(cur) in stop:
+                return
+            k = min(k_max, n - produced, cache_len - 1 - max(caches[0].length, draft_caches[0].length + pending.size(1)))
+            if k < 1:  # no room left for a draft in the block: finish as plain greedy decoding
+                yield from _stream(model, seq, n - produced, 0.0, None, None, None, True, stop)
+                return
+            base, draft_base = caches[0].length, draft_caches[0].length
+            proposals = _propose(draft, draft_caches, pending, k)
+            logits, _ = model(torch.cat([cur, proposals]).view(1, -1), caches=caches)
+            best = logits[0].argmax(dim=-1)  # (k + 1,): model's token after cur and after each proposal
+            accepted = int((best[:k] == proposals).cumprod(dim=0).sum())
+            stats["passes"] += 1
+            stats["proposed"] += k
+            stats["accepted"] += accepted
+            for token in proposals[:accepted]:
+                yield token.view(1)
+                produced, seq = produced + 1, torch.cat([seq, token.view(1, 1)], dim=1)
+                if produced == n or int(token) in stop:
+                    return
+            cur = best[accepted:accepted + 1]
+            for c in caches:  # keep cur and the accepted proposals
+                c.truncate(base + 1 + accepted)
+            kept = min(accepted, k - 1)  # the draft read pending and proposals[:k-1]
+            for c in draft_caches:
+                c.truncate(draft_base + pending.size(1) + kept)
+            pending = torch.cat([proposals[kept:accepted], cur]).view(1, -1)
+    finally:
+        model.train(modes[0]), draft.train(modes[1])
+
+
 def generate(model, idx: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
     """The prompt idx (B, T) followed by the sampled tokens: (B, T + max_new_tokens), fewer
     when ``stop_ids`` ends the generation early."""
@@ -201,45 +288,63 @@ def load_for_generation(folder, *, device: str = "auto", dtype: str = "auto"):
 
 
 def quantize_for_generation(model, quantize: str = "auto") -> tuple[str, str]:
-    """Apply ``quantize`` ("none", "int8" or "auto": int8 where it measured faster here, see
+    """Apply ``quantize`` ("none", "int8", "int4" or "auto": see
     :func:`attnlab.quantize.choose_quantization`) to a loaded model, in place; returns (what was
-    applied, why). int8 covers GPTs (every Linear, the LM head included); other models are refused."""
+    applied, why). int8/int4 cover GPTs (every Linear, the LM head included); other models are refused."""
     _checks.one_of("quantize", quantize, QUANTIZE_CHOICES)
     if not isinstance(model, GPT):
-        if quantize == "int8":
-            raise ConfigError(f"quantize='int8' is not allowed for a {type(model).__name__}: int8 weights are "
-                              "implemented for GPT decoders (attnlab GPTs, HF decoders, smollm2)")
+        if quantize in ("int8", "int4"):
+            raise ConfigError(f"quantize={quantize!r} is not allowed for a {type(model).__name__}: quantized weights "
+                              "are implemented for GPT decoders (attnlab GPTs, HF decoders, smollm2)")
         return "none", f"a {type(model).__name__} is decoded unquantized"
     weight = model.wte.weight
-    choice, reason = choose_quantization(quantize, weight.device, weight.dtype)
+    lossless = quantize == "auto" and weight.device.type == "cpu" and int4_lossless(model)
+    choice, reason = choose_quantization(quantize, weight.device, weight.dtype, int4_lossless=lossless)
     if choice == "int8":
         quantize_int8(model)
+    elif choice == "int4":
+        quantize_int4(model)
     return choice, reason
 
 
 def generate_text(folder, prompt: str, max_new_tokens: int = 200, *, temperature: float = 0.8,
                   top_k: int | None = 200, top_p: float | None = None, seed: int | None = 1337,
                   use_cache: bool = True, stop_at_eos: bool = True, device: str = "auto",
-                  dtype: str = "auto", quantize: str = "none") -> Iterator[str]:
+                  dtype: str = "auto", quantize: str = "none", speculate: bool = False,
+                  draft_tokens: int = DRAFT_TOKENS) -> Iterator[str]:
     """Stream the text generated after ``prompt`` by the model in ``folder``, piece by piece, ending
     at the tokenizer's end-of-sequence token (not shown) when it has one and ``stop_at_eos``.
-    ``quantize``: "none", "int8" (weight-only int8 Linears) or "auto" (int8 where it measured faster);
-    with int8 on a CPU, dtype "auto" means fp32 for the rest of the model (the int8 Linears compute in
+    ``quantize``: "none", "int8" (weight-only int8 Linears), "int4" (4-bit group codes, the LM head at 8
+    bits) or "auto" (the fastest measured here; int4 only where lossless); with quantization on a CPU,
+    dtype "auto" means fp32 for the rest of the model (the quantized Linears compute in
     bf16 themselves; the residual stream, norms and KV cache keep fp32's precision, as in the benchmark).
-    The folder, prompt and settings are checked at the call, before any text is produced."""
+    ``speculate`` (greedy only, with a quantization): the quantized copy drafts ``draft_tokens`` tokens
+    at a time and the unquantized model verifies them (:func:`speculative_tokens`), so the text is the
+    unquantized model's own greedy text. The folder, prompt and settings are checked at the call,
+    before any text is produced."""
     _check_sampling(temperature, top_k, top_p)
     _checks.one_of("quantize", quantize, QUANTIZE_CHOICES)
+    _checks.positive_int("draft_tokens", draft_tokens)
+    if speculate and (temperature != 0 or quantize == "none"):
+        raise ConfigError(f"speculate needs greedy decoding with a quantized draft: temperature=0 and quantize "
+                          f"int8, int4 or auto (got temperature={temperature}, quantize={quantize!r})")
     if dtype == "auto" and quantize != "none" and devices.resolve_device(device).type == "cpu":
         dtype = "float32"
     model, tokenizer = load_for_generation(folder, device=device, dtype=dtype)
-    choice, reason = quantize_for_generation(model, quantize)
+    if speculate and not isinstance(model, GPT):
+        raise ConfigError(f"speculate is not allowed for a {type(model).__name__}: it needs a GPT decoder")
+    draft = copy.deepcopy(model) if speculate else model
+    choice, reason = quantize_for_generation(draft, quantize)
     if quantize == "auto":
         log.info(f"quantize auto: {choice} ({reason})")
     ids = tokenizer.encode(prompt)
     idx = torch.tensor([ids], dtype=torch.int64, device=next(model.parameters()).device)
     stop_ids = (tokenizer.eos_id,) if stop_at_eos and tokenizer.eos_id is not None else None
-    tokens = stream_tokens(model, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                           seed=seed, use_cache=use_cache, stop_ids=stop_ids)
+    if speculate and choice != "none":
+        tokens = speculative_tokens(model, draft, idx, max_new_tokens, draft_tokens=draft_tokens, stop_ids=stop_ids)
+    else:  # a draft as slow as the model (quantize auto chose none) would only cost: decode plainly
+        tokens = stream_tokens(draft, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                               seed=seed, use_cache=use_cache, stop_ids=stop_ids)
     return _stream_text(tokens, tokenizer, stop_ids or ())
 
 

@@ -12,6 +12,15 @@ an fp32 ``F.linear``, its fp32 path 7× slower than that and its fp16 path 30× 
 fp32 model's activations are rounded to bf16 on their way into each int8 Linear and the result
 comes back in fp32. ``choose_quantization("auto")`` decides by timing one matrix-vector product
 both ways on the machine at hand, once per process.
+
+Weight-only int4 (:class:`Int4Linear`, ``torch.ops.aten._weight_int4pack_mm_for_cpu``) stores each
+group of 32 consecutive input weights of a row as 4-bit codes with a scale and an offset, w ≈ q·s + m
+(q in 0..15, the group's min and max as the grid's ends). That is llama.cpp's Q4_1 block, so on
+SmolLM2, whose GGUF holds its matrices as Q4_1, the codes, scales and offsets are recovered exactly
+and only their bf16 storage in the kernel rounds (the scales to 8 significant bits); it reads half
+of int8's bytes. The tied LM head (Q8_0 in the GGUF, 8 bits per weight) is kept at 8 bits as two
+4-bit planes of the same kernel: group-wise symmetric int8 codes c = 16·hi + lo, with
+w = c·d = (hi + 8 − 8)·16d + (lo − 8)·d + 8d, the input given twice.
 """
 
 from __future__ import annotations
@@ -27,9 +36,16 @@ from attnlab.attention.mla import MultiHeadLatentAttention
 from attnlab.errors import ConfigError
 from attnlab.timing import best_seconds
 
-QUANTIZE_CHOICES = ("none", "int8", "auto")
-# int8 must beat the unquantized matrix-vector product by this much to be worth its rounding.
+QUANTIZE_CHOICES = ("none", "int8", "int4", "auto")
+# int8 (or int4) must beat the unquantized matrix-vector product by this much to be worth its rounding.
 INT8_MIN_SPEEDUP = 1.2
+# The CPU int4 kernel's constraints: groups of 32/64/128/256 input weights, output rows by 16.
+INT4_GROUP = 32
+INT4_GROUPS = (32, 64, 128, 256)
+_INT4_ROWS = 16
+# A matrix is "already on a 4-bit grid" (int4 loses nothing but the bf16 rounding of its scales) when
+# the codes rebuild it to this relative precision (fp32 arithmetic on Q4_1 values: a few ulps).
+INT4_EXACT_RTOL = 1e-5
 # The probe: a (8192×4096) weight, 128 MiB in fp32 and 32 MiB in int8 — beyond the caches, as
 # decoding's weights are, so it measures memory reads rather than cache hits.
 _PROBE_SHAPE = (8192, 4096)
@@ -38,12 +54,16 @@ _PROBE_SHAPE = (8192, 4096)
 _READS_WEIGHTS = (MultiHeadLatentAttention,)
 
 
+def _check_matrix(weight) -> torch.Tensor:
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
+        raise ConfigError("weight must be a floating 2-d tensor (out_features, in_features)")
+    return weight.detach().float()
+
+
 def int8_weights(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(q int8 (out, in), scales float32 (out,)) with weight ≈ q * scales[:, None]: symmetric
     round-to-nearest per output row; an all-zero row gets scale 1 (q is 0 there anyway)."""
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
-        raise ConfigError("weight must be a floating 2-d tensor (out_features, in_features)")
-    w = weight.detach().float()
+    w = _check_matrix(weight)
     scales = w.abs().amax(dim=1) / 127
     scales = torch.where(scales > 0, scales, torch.ones_like(scales))
     q = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8)
@@ -114,12 +134,166 @@ def quantize_int8(model: nn.Module, *, compute_dtype: torch.dtype | None = None)
     if compute_dtype is None:
         dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
         compute_dtype = compute_dtype_for(dtypes.pop() if len(dtypes) == 1 else torch.float32)
-    kept = {id(m) for reader in model.modules() if isinstance(reader, _READS_WEIGHTS) for m in reader.modules()}
-    linears = [(parent, name, child) for parent in model.modules() if id(parent) not in kept
-               for name, child in parent.named_children() if isinstance(child, nn.Linear)]
+    linears = _quantizable_linears(model)
     for parent, name, child in linears:
         setattr(parent, name, Int8Linear.from_linear(child, compute_dtype))
     return len(linears)
+
+
+def _groups(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    _checks.one_of("group_size", group_size, INT4_GROUPS)
+    out, inp = w.shape
+    if inp % group_size:
+        raise ConfigError(f"in_features={inp} is not a multiple of group_size={group_size}: int4 groups split rows evenly")
+    return w.view(out, inp // group_size, group_size)
+
+
+def int4_weights(weight: torch.Tensor, group_size: int = INT4_GROUP) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(codes int32 (out, in) in 0..15, scales float32 (out, groups), mins float32 (out, groups)) with
+    weight ≈ codes · scale + min per group of ``group_size`` consecutive inputs: the group's min and
+    max are the grid's ends (llama.cpp's Q4_1). A constant group gets scale 1 and codes 0."""
+    groups = _groups(_check_matrix(weight), group_size)
+    mins = groups.amin(dim=-1)
+    scales = (groups.amax(dim=-1) - mins) / 15
+    scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+    codes = torch.round((groups - mins[..., None]) / scales[..., None]).clamp_(0, 15)
+    return codes.view(weight.shape).to(torch.int32), scales, mins
+
+
+def int8_group_weights(weight: torch.Tensor, group_size: int = INT4_GROUP) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes int32 (out, in) in -128..127, scales float32 (out, groups)) with weight ≈ codes · scale per
+    group, symmetric (llama.cpp's Q8_0: scale = max|w| / 127); an all-zero group gets scale 1."""
+    groups = _groups(_check_matrix(weight), group_size)
+    scales = groups.abs().amax(dim=-1) / 127
+    scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+    codes = torch.round(groups / scales[..., None]).clamp_(-128, 127)
+    return codes.view(weight.shape).to(torch.int32), scales
+
+
+def int4_fits(linear: nn.Linear, group_size: int = INT4_GROUP) -> bool:
+    """Whether the CPU int4 kernel takes this Linear: in_features by group_size, out_features by 16."""
+    return linear.in_features % group_size == 0 and linear.out_features % _INT4_ROWS == 0
+
+
+class Int4Linear(nn.Module):
+    """``nn.Linear`` with weight-only 4-bit codes on ``torch.ops.aten._weight_int4pack_mm_for_cpu``:
+    y = x @ Wᵀ + bias with W rebuilt per group as (code − 8)·scale + zero, computed on bf16 activations
+    (the kernel's fast path; its fp32 path measured 30× slower) and returned in the input's dtype.
+
+    ``planes=2`` keeps 8 bits per weight as two 4-bit planes side by side along the input (the
+    input is given twice): the high nibble with scale 16d, the low one with scale d (see the module
+    docstring). Build with :meth:`from_linear`; CPU only (the packing is the CPU kernel's)."""
+
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+                 bias: torch.Tensor | None = None, planes: int = 1):
+        super().__init__()
+        _checks.one_of("group_size", group_size, INT4_GROUPS)
+        _checks.one_of("planes", planes, (1, 2))
+        out, width = codes.shape
+        if (codes.dtype != torch.int32 or width % (group_size * planes) or out % _INT4_ROWS
+                or scales.shape != (out, width // group_size) or zeros.shape != scales.shape):
+            raise ConfigError(f"Int4Linear needs int32 codes (out, in) with out by {_INT4_ROWS} and in by "
+                              f"group_size·planes, and scales/zeros (out, in // group_size)")
+        self.group_size, self.planes = group_size, planes
+        self.out_features, self.in_features = out, width // planes
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.cpu().contiguous(), 1))
+        self.register_buffer("scale_zeros", torch.stack([scales.t(), zeros.t()], dim=-1).to(torch.bfloat16).contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int = INT4_GROUP, bits: int = 4) -> Int4Linear:
+        """4 bits per weight (Q4_1-style codes, scale and min per group) or 8 (bits=8: group-wise int8 codes in two planes)."""
+        _checks.one_of("bits", bits, (4, 8))
+        if linear.weight.device.type != "cpu":
+            raise ConfigError(f"int4 weights use a CPU kernel: the Linear is on {linear.weight.device}")
+        if bits == 4:
+            codes, scales, mins = int4_weights(linear.weight, group_size)
+            return cls(codes, scales, mins + 8 * scales, group_size, linear.bias)
+        codes8, d = int8_group_weights(linear.weight, group_size)
+        d = d.to(torch.bfloat16).float()  # both planes' scales then hold the same rounded d exactly
+        low = codes8 & 15
+        high = (codes8 - low) // 16  # -8..7
+        codes = torch.cat([high + 8, low], dim=1)
+        return cls(codes, torch.cat([16 * d, d], dim=1), torch.cat([torch.zeros_like(d), 8 * d], dim=1),
+                   group_size, linear.bias, planes=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        if self.planes == 2:
+            x2 = torch.cat([x2, x2], dim=1)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), self.packed, self.group_size, self.scale_zeros)
+        y = y.to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        return y.view(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"bits={4 * self.planes}, group_size={self.group_size}")
+
+
+def on_int4_grid(weight: torch.Tensor, group_size: int = INT4_GROUP) -> bool:
+    """Whether 4-bit group codes rebuild ``weight`` (to INT4_EXACT_RTOL of its largest entry): true of
+    a matrix read from 4-bit blocks such as a GGUF's Q4_1, false of trained float weights."""
+    w = _check_matrix(weight)
+    codes, scales, mins = int4_weights(w, group_size)
+    rebuilt = codes.view(_groups(w, group_size).shape) * scales[..., None] + mins[..., None]
+    return bool((rebuilt.view(w.shape) - w).abs().max() <= INT4_EXACT_RTOL * w.abs().max().clamp_min(1e-30))
+
+
+def int4_lossless(model: nn.Module, group_size: int = INT4_GROUP) -> bool:
+    """Whether :func:`quantize_int4` would keep ``model``'s 4-bit matrices as they are (each one
+    :func:`on_int4_grid`; the LM head, kept at 8 bits, and Linears the kernel cannot take aside)."""
+    head = getattr(model, "lm_head", None)
+    matrices = [child.weight for _, _, child in _quantizable_linears(model)
+                if child is not head and int4_fits(child, group_size)]
+    return bool(matrices) and all(on_int4_grid(w, group_size) for w in matrices)
+
+
+def _inside_weight_readers(model: nn.Module) -> set[int]:
+    """ids of the modules inside those that read their Linears' weights (MLA): left as they are."""
+    return {id(m) for reader in model.modules() if isinstance(reader, _READS_WEIGHTS) for m in reader.modules()}
+
+
+def _quantizable_linears(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
+    """(parent, name, Linear) for every Linear outside the modules that read their weights (MLA)."""
+    kept = _inside_weight_readers(model)
+    return [(parent, name, child) for parent in model.modules() if id(parent) not in kept
+            for name, child in parent.named_children() if isinstance(child, nn.Linear)]
+
+
+def fuse_projections(model: nn.Module) -> int:
+    """Fuse, in place, the Linears that read the same input in every module that can
+    (``fuse_projections()``: attention's q/k/v, SwiGLU's gate/up), outside MLA; returns how many fused."""
+    kept = _inside_weight_readers(model)
+    fusable = [m for m in model.modules() if id(m) not in kept and hasattr(m, "fuse_projections")]
+    for module in fusable:
+        module.fuse_projections()
+    return len(fusable)
+
+
+def quantize_int4(model: nn.Module, *, group_size: int = INT4_GROUP) -> dict[str, int]:
+    """Replace the Linears of a CPU ``model`` (in place) by :class:`Int4Linear`: 4 bits per weight,
+    except the LM head (``model.lm_head``, whose logits pick the token; a tied one gets its own copy,
+    the embedding keeps its float weights), which keeps 8 bits in two planes. Linears the kernel
+    cannot take (in_features not by group_size, out_features not by 16) become :class:`Int8Linear`,
+    and MLA's stay float, as with :func:`quantize_int8`. Linears that read the same input (attention's
+    q/k/v, SwiGLU's gate/up) are fused first (``fuse_projections``): one kernel call instead of three or
+    two, the same codes, since groups run along rows. Returns how many became int4, int8 (two planes)
+    and Int8Linear."""
+    fuse_projections(model)
+    head = getattr(model, "lm_head", None)
+    counts = {"int4": 0, "int8_planes": 0, "int8": 0}
+    for parent, name, child in _quantizable_linears(model):
+        if not int4_fits(child, group_size):
+            setattr(parent, name, Int8Linear.from_linear(child))
+            counts["int8"] += 1
+            continue
+        bits = 8 if child is head else 4
+        setattr(parent, name, Int4Linear.from_linear(child, group_size, bits))
+        counts["int4" if bits == 4 else "int8_planes"] += 1
+    return counts
 
 
 def decode_weight_bytes(model: nn.Module) -> int:
@@ -132,6 +306,8 @@ def decode_weight_bytes(model: nn.Module) -> int:
             tensors = [module.weight, module.bias]
         elif isinstance(module, Int8Linear):
             tensors = [module.qweight, module.scales, module.bias]
+        elif isinstance(module, Int4Linear):
+            tensors = [module.packed, module.scale_zeros, module.bias]
         else:
             continue
         for t in tensors:
@@ -141,41 +317,51 @@ def decode_weight_bytes(model: nn.Module) -> int:
 
 
 @functools.cache
-def _int8_speedup(dtype: torch.dtype, threads: int) -> float:
+def _speedups(dtype: torch.dtype, threads: int) -> dict[str, float]:
     generator = torch.Generator().manual_seed(0)
-    weight = torch.randn(*_PROBE_SHAPE, generator=generator).mul_(0.02)
-    x = torch.randn(1, _PROBE_SHAPE[1], generator=generator)
-    plain = weight.to(dtype)
-    xd = x.to(dtype)
-    int8 = Int8Linear(*int8_weights(weight), compute_dtype=compute_dtype_for(dtype))
-    del weight
+    linear = nn.Linear(_PROBE_SHAPE[1], _PROBE_SHAPE[0], bias=False)
+    with torch.no_grad():
+        linear.weight.normal_(0, 0.02, generator=generator)
+    x = torch.randn(1, _PROBE_SHAPE[1], generator=generator).to(dtype)
+    calls = {"plain": lambda: F.linear(x, plain)}
+    plain = linear.weight.detach().to(dtype)
+    int8 = Int8Linear.from_linear(linear, compute_dtype_for(dtype))
+    calls["int8"] = lambda: int8(x)
+    int4 = Int4Linear.from_linear(linear)
+    calls["int4"] = lambda: int4(x)
+    del linear
+    best = dict.fromkeys(calls, float("inf"))
     with torch.inference_mode():
-        best = {"plain": float("inf"), "int8": float("inf")}
-        for _ in range(3):  # alternately, so a burst of load hits both alike
-            best["plain"] = min(best["plain"], best_seconds(lambda: F.linear(xd, plain), repeats=3))
-            best["int8"] = min(best["int8"], best_seconds(lambda: int8(xd), repeats=3))
-    return best["plain"] / best["int8"]
+        for _ in range(3):  # in turns, so a burst of load hits each alike
+            for name, call in calls.items():
+                best[name] = min(best[name], best_seconds(call, repeats=3))
+    return {name: best["plain"] / best[name] for name in ("int8", "int4")}
 
 
-def int8_speedup(dtype: torch.dtype = torch.float32) -> float:
-    """How much faster a batch-1 matrix-vector product runs with int8 weights than with ``dtype``
-    weights on this CPU (> 1: int8 is faster); measured once per process, dtype and thread count."""
-    return _int8_speedup(dtype, torch.get_num_threads())
+def quantized_speedups(dtype: torch.dtype = torch.float32) -> dict[str, float]:
+    """{"int8": ×, "int4": ×}: how much faster a batch-1 matrix-vector product runs with int8 / int4
+    weights than with ``dtype`` weights on this CPU (> 1: faster); measured once per process, dtype
+    and thread count."""
+    return dict(_speedups(dtype, torch.get_num_threads()))
 
 
 def choose_quantization(requested: str = "auto", device: torch.device | str = "cpu",
-                        dtype: torch.dtype = torch.float32) -> tuple[str, str]:
-    """("none" or "int8", why) for decoding a model in ``dtype`` on ``device``: as asked, or for
-    "auto" int8 only on a CPU where its matrix-vector product measured ≥ INT8_MIN_SPEEDUP × the
-    ``dtype`` one (on CUDA "none": no int8 kernel is used there)."""
+                        dtype: torch.dtype = torch.float32, *, int4_lossless: bool = False) -> tuple[str, str]:
+    """("none", "int8" or "int4", why) for decoding a model in ``dtype`` on ``device``: as asked, or for
+    "auto" on a CPU the fastest measured of int8 and — only where ``int4_lossless`` (the model's
+    matrices are already on a 4-bit grid, :func:`on_int4_grid`) — int4, if it beat ``dtype`` by
+    INT8_MIN_SPEEDUP; else "none" (on CUDA always: the kernels used are CPU ones)."""
     _checks.one_of("quantize", requested, QUANTIZE_CHOICES)
     if requested != "auto":
         return requested, "asked for"
     if torch.device(device).type != "cpu":
-        return "none", f"int8 is decoded with a CPU kernel only; {device} keeps {str(dtype).removeprefix('torch.')}"
-    speedup = int8_speedup(dtype)
+        return "none", f"int8/int4 are decoded with CPU kernels only; {device} keeps {str(dtype).removeprefix('torch.')}"
+    speedups = quantized_speedups(dtype)
+    candidates = ("int8", "int4") if int4_lossless else ("int8",)
+    best = max(candidates, key=speedups.get)
     name = str(dtype).removeprefix("torch.")
-    if speedup >= INT8_MIN_SPEEDUP:
-        return "int8", f"an int8 matrix-vector product measured {speedup:.1f}× faster than {name} here"
-    return "none", (f"an int8 matrix-vector product measured {speedup:.2f}× {name}'s speed here, short of the "
-                    f"{INT8_MIN_SPEEDUP}× that pays for int8's rounding")
+    unused = "" if int4_lossless else "; int4 only for weights already on a 4-bit grid (ask --quantize int4)"
+    if speedups[best] >= INT8_MIN_SPEEDUP:
+        return best, f"an {best} matrix-vector product measured {speedups[best]:.1f}× faster than {name} here{unused}"
+    return "none", (f"an {best} matrix-vector product measured {speedups[best]:.2f}× {name}'s speed here, short of the "
+                    f"{INT8_MIN_SPEEDUP}× that pays for its rounding{unused}")

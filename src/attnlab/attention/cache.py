@@ -47,6 +47,14 @@ class _Cache:
         """Forget every cached token (the memory stays allocated for the next sequence)."""
         self.length = 0
 
+    def truncate(self, length: int) -> None:
+        """Keep the first ``length`` cached tokens and forget the newer ones (speculative decoding
+        drops the keys and values of draft tokens the model did not accept)."""
+        _checks.non_negative_int("length", length)
+        if length > self.length:
+            raise ConfigError(f"truncate(length={length}) is not allowed: the cache holds {self.length} tokens")
+        self.length = length
+
     def bytes(self) -> int:
         """Bytes the filled positions of every sequence hold, measured on the cache's tensors."""
         return sum(t.nbytes for t in self.filled())

@@ -13,6 +13,7 @@ from torch import nn
 
 from attnlab import _checks
 from attnlab.attention.cache import KVCache
+from attnlab.attention.fuse import concat_linears
 from attnlab.attention.head_mask import MasksHeads
 from attnlab.attention.record import RecordsAttention
 from attnlab.attention.rope import RotaryEmbedding, default_positions
@@ -49,12 +50,21 @@ class GroupedQueryAttention(RecordsAttention, MasksHeads, nn.Module):
         self.v_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=out_bias)
         self.rope = RotaryEmbedding(head_dim, rope_theta, rope_interleave) if rope else None
+        self.qkv_proj = None  # set by fuse_projections()
+
+    def fuse_projections(self) -> None:
+        """Replace q_proj, k_proj and v_proj by one Linear ``qkv_proj`` whose output rows are theirs
+        stacked: the same numbers in one matmul that reads the input once (decoding at batch 1 pays per
+        call; :func:`attnlab.quantize.quantize_int4` fuses before it quantizes). Irreversible."""
+        if self.qkv_proj is None:
+            self.qkv_proj = concat_linears([self.q_proj, self.k_proj, self.v_proj])
+            del self.q_proj, self.k_proj, self.v_proj
 
     def new_cache(self, batch_size: int, max_len: int, *, dtype=None, device=None) -> KVCache:
         """A KV cache for this layer: n_kv_heads heads of head_dim, the module's dtype/device by default
         (given both, the projections are not read: an int8 projection has no float weight to ask)."""
         if dtype is None or device is None:
-            weight = self.k_proj.weight
+            weight = (self.k_proj if self.qkv_proj is None else self.qkv_proj).weight
             dtype, device = dtype or weight.dtype, device or weight.device
         return KVCache(batch_size, self.n_kv_heads, max_len, self.head_dim, dtype=dtype, device=device)
 
@@ -65,9 +75,14 @@ class GroupedQueryAttention(RecordsAttention, MasksHeads, nn.Module):
         RoPE cos/sin tables for these positions, made once by the model for all its layers."""
         _checks.input_tensor(x, self.d_model)
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        if self.qkv_proj is None:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:
+            kv_width = self.n_kv_heads * self.head_dim
+            q, k, v = self.qkv_proj(x).split([self.n_heads * self.head_dim, kv_width, kv_width], dim=-1)
+        q = q.reshape(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.reshape(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        v = v.reshape(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         if self.rope is not None:
             if rotary is None:
                 length = None
