@@ -17,6 +17,7 @@ from attnlab.cli import main
 from attnlab.errors import ConfigError
 from attnlab.models.gpt import GPT
 from attnlab.data.batches import WindowBatches, sample_windows
+from attnlab import optim as optim_module
 from attnlab.optim import Muon, WarmupCosine, make_optimizer, muon_parameters
 from attnlab.train import train
 from attnlab.device import choose_precision
@@ -243,3 +244,26 @@ def test_our_muon_is_torchs_muon_with_newton_schulz_in_a_chosen_dtype(nesterov, 
     for w, a, b in zip(weights, *copies):
         assert torch.equal(w, a)  # the same steps as PyTorch's, op for op, when run in bf16
         torch.testing.assert_close(w, b, atol=5e-3, rtol=0)  # fp32 Newton-Schulz: bf16's rounding apart
+
+
+def test_muon_orthogonalises_same_shape_matrices_in_one_batch_as_it_would_one_by_one(monkeypatch):
+    """Same-shape weights go through Newton-Schulz as one (G, m, n) stack: each update equals the
+    one computed for that matrix alone (fp32; batched and single matmuls may differ in the last bits)."""
+    torch.manual_seed(1)
+    weights = [torch.randn(6, 10, requires_grad=True) for _ in range(3)] + [torch.randn(10, 6, requires_grad=True)]
+    alone = [[w.detach().clone().requires_grad_()] for w in weights]
+    together = Muon(weights, lr=0.05, ns_dtype=torch.float32, weight_decay=0.1)
+    singles = [Muon(params, lr=0.05, ns_dtype=torch.float32, weight_decay=0.1) for params in alone]
+    batched = []
+    real = optim_module.newton_schulz
+    monkeypatch.setattr(optim_module, "newton_schulz", lambda g, *a: batched.append(tuple(g.shape)) or real(g, *a))
+    for _ in range(3):
+        grads = [torch.randn_like(w) for w in weights]
+        for w, (a,), g in zip(weights, alone, grads):
+            w.grad, a.grad = g.clone(), g.clone()
+        together.step()
+        for opt in singles:
+            opt.step()
+    assert (3, 6, 10) in batched and (10, 6) in batched  # the three 6×10 matrices shared one call
+    for w, (a,) in zip(weights, alone):
+        torch.testing.assert_close(w, a, atol=1e-6, rtol=1e-5)

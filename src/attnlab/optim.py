@@ -36,17 +36,20 @@ class WarmupCosine:
 
 def newton_schulz(grad: torch.Tensor, coefficients, steps: int, eps: float, dtype: torch.dtype) -> torch.Tensor:
     """Muon's quintic Newton-Schulz iteration (Keller Jordan's), the orthogonalised update of
-    ``grad`` computed in ``dtype``: bf16 where its matmuls are fast, fp32 where bf16 is emulated."""
+    ``grad`` computed in ``dtype``: bf16 where its matmuls are fast, fp32 where bf16 is emulated.
+    ``grad`` is one matrix (m, n) or a stack of same-shape matrices (G, m, n), each orthogonalised on
+    its own in batched matmuls (a small model's step pays per call, not per FLOP)."""
     a, b, c = coefficients
     x = grad.to(dtype)
-    tall = grad.size(0) > grad.size(1)
+    tall = grad.size(-2) > grad.size(-1)
     if tall:
-        x = x.T
-    x = x / x.norm().clamp(min=eps)  # spectral norm <= 1
+        x = x.mT
+    x = x / torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True).clamp(min=eps)  # spectral norm <= 1
+    multiply_add = torch.addmm if x.dim() == 2 else torch.baddbmm
     for _ in range(steps):
-        gram = x @ x.T
-        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-    return x.T if tall else x
+        gram = x @ x.mT
+        x = multiply_add(x, multiply_add(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.mT if tall else x
 
 
 class Muon(torch.optim.Muon):
@@ -62,15 +65,23 @@ class Muon(torch.optim.Muon):
     def step(self, closure=None):
         for group in self.param_groups:
             lr, momentum = group["lr"], group["momentum"]
+            by_shape: dict[torch.Size, list] = {}
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
                 buf.lerp_(p.grad, 1 - momentum)
                 update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
-                update = newton_schulz(update, group["ns_coefficients"], group["ns_steps"], group["eps"], self.ns_dtype)
-                p.mul_(1 - lr * group["weight_decay"])
-                p.add_(update, alpha=-lr * _rms_matching_scale(group["adjust_lr_fn"], p.shape))
+                by_shape.setdefault(p.shape, []).append((p, update))
+            for shape, pairs in by_shape.items():  # same-shape matrices orthogonalised in one batch
+                updates = [u for _, u in pairs]
+                stacked = updates[0] if len(updates) == 1 else torch.stack(updates)
+                ortho = newton_schulz(stacked, group["ns_coefficients"], group["ns_steps"], group["eps"], self.ns_dtype)
+                ortho = [ortho] if len(updates) == 1 else ortho.unbind(0)
+                scale = lr * _rms_matching_scale(group["adjust_lr_fn"], shape)
+                for (p, _), update in zip(pairs, ortho):
+                    p.mul_(1 - lr * group["weight_decay"])
+                    p.add_(update, alpha=-scale)
         return None
 
 
