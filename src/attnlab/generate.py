@@ -33,8 +33,9 @@ from attnlab.hf.tokenizer import hf_tokenizer
 from attnlab.quantize import QUANTIZE_CHOICES, choose_quantization, int4_lossless, quantize_int4, quantize_int8
 
 log = logging.getLogger("attnlab")
-# Draft tokens per verifying pass of speculative decoding (the model checks them all at once).
-DRAFT_TOKENS = 16
+# Draft tokens per verifying pass of speculative decoding (the model checks them all at once): SmolLM2
+# fp32 checking its int4 copy measured 21.6, 24.0, 24.4, 24.4 tokens/s at 3, 5, 8, 12 (fp32 alone 19.8).
+DRAFT_TOKENS = 8
 
 
 def _check_sampling(temperature, top_k, top_p) -> None:

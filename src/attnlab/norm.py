@@ -1,6 +1,7 @@
 """Normalisation layers shared by the models."""
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -13,4 +14,6 @@ class RMSNorm(nn.RMSNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self.weight.dtype if self.weight is not None else torch.float32
-        return super().forward(x.to(dtype)).to(x.dtype)
+        if x.dtype == dtype:  # the common case, called directly: decoding pays for every Python call
+            return F.rms_norm(x, self.normalized_shape, self.weight, self.eps)
+        return F.rms_norm(x.to(dtype), self.normalized_shape, self.weight, self.eps).to(x.dtype)
