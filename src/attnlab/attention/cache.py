@@ -67,8 +67,8 @@ class _Cache:
         """Check one incoming tensor against the cache; returns its number of new tokens."""
         if not isinstance(t, torch.Tensor):
             raise InputTypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        expected = "(" + ", ".join(n if s is None else f"{n}={s}" for n, s in zip(names, shape)) + ")"
         if t.dim() != len(shape) or any(s is not None and s != d for s, d in zip(shape, t.shape)):
+            expected = "(" + ", ".join(n if s is None else f"{n}={s}" for n, s in zip(names, shape)) + ")"
             raise ConfigError(
                 f"{name} has shape {tuple(t.shape)} but this {type(self).__name__} holds {expected}: "
                 f"build a cache for this batch size and attention shape"

@@ -75,21 +75,27 @@ class GroupedQueryAttention(RecordsAttention, MasksHeads, nn.Module):
         RoPE cos/sin tables for these positions, made once by the model for all its layers."""
         _checks.input_tensor(x, self.d_model)
         B, T, _ = x.shape
+        nh, nkv, hs = self.n_heads, self.n_kv_heads, self.head_dim
+        qk = None  # queries and keys side by side (B, nh + nkv, T, hs) when the projections are fused
         if self.qkv_proj is None:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            q = self.q_proj(x).view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+            k = self.k_proj(x).view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
+            v = self.v_proj(x).view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
         else:
-            kv_width = self.n_kv_heads * self.head_dim
-            q, k, v = self.qkv_proj(x).split([self.n_heads * self.head_dim, kv_width, kv_width], dim=-1)
-        q = q.reshape(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.reshape(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
-        v = v.reshape(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+            qkv = self.qkv_proj(x).view(B, T, nh + 2 * nkv, hs).transpose(1, 2)  # (B, nh + 2·nkv, T, hs)
+            qk, v = qkv[:, :nh + nkv], qkv[:, nh + nkv:]
         if self.rope is not None:
             if rotary is None:
                 length = None
                 if positions is None:
                     positions, length = default_positions(cache.length if cache is not None else 0, T, x.device)
                 rotary = self.rope.cos_sin(positions, length)
-            q, k = self.rope.rotate(q, rotary), self.rope.rotate(k, rotary)
+            if qk is None:
+                q, k = self.rope.rotate(q, rotary), self.rope.rotate(k, rotary)
+            else:  # one rotation for both: every head turns by the same angles
+                qk = self.rope.rotate(qk, rotary)
+        if qk is not None:
+            q, k = qk.split([nh, nkv], dim=1)
         if cache is not None:
             k, v = cache.update(k, v)  # (B, nkv, T_total, hs): past tokens, then these
         if attn_mask is not None and (not isinstance(attn_mask, torch.Tensor) or attn_mask.dtype != torch.bool):

@@ -212,6 +212,11 @@ class LectureAttention(nn.Module):
         return KVCache(batch_size, self.n_head, max_len, self.head_dim, dtype=dtype, device=device)
 
 
+def _dropout(p: float) -> nn.Module:
+    """nn.Dropout(p), or nn.Identity at p = 0: a decoding step calls it twice a block, and a call costs."""
+    return nn.Dropout(p) if p > 0 else nn.Identity()
+
+
 def _attention(cfg: GPTConfig, layer: int) -> nn.Module:
     if cfg.attention == "wrapper":
         return LectureAttention(cfg)
@@ -254,7 +259,7 @@ class Block(nn.Module):
         self.attn = _attention(cfg, layer)
         self.norm2 = _norm(cfg)
         self.ffn = _ffn(cfg, layer)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = _dropout(cfg.dropout)
 
     def forward(self, x, cache=None, positions=None, attn_mask=None, rotary=None):
         attend = dict(cache=cache, positions=positions, attn_mask=attn_mask)
@@ -289,7 +294,7 @@ class GPT(SaveLoadMixin, HeadMaskMixin, nn.Module):
         uses_rope = cfg.attention == "mla" or (cfg.positions == "rope" and cfg.attention != "wrapper")
         self.rotary = RotaryEmbedding(rope_dim, cfg.rope_theta, cfg.rope_interleave, cfg.block_size,
                                       scaling=cfg.rope_scaling) if uses_rope else None
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = _dropout(cfg.dropout)
         self.blocks = nn.ModuleList([Block(cfg, i) for i in range(cfg.n_layer)])
         self.norm_f = _norm(cfg)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
