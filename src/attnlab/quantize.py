@@ -129,8 +129,11 @@ def quantize_int8(model: nn.Module, *, compute_dtype: torch.dtype | None = None)
 
     A tied LM head gets its own int8 copy, so the embedding it shared keeps its float weights and
     the token lookup stays exact. Linears inside modules that read their weights directly (MLA)
-    are left in float. ``compute_dtype`` defaults to :func:`compute_dtype_for` the model's dtype.
+    are left in float. Linears that read one input are fused first (:func:`fuse_projections`: one
+    kernel call for attention's q/k/v, one for SwiGLU's gate/up; rows are quantized each on its own, so
+    the codes are the same). ``compute_dtype`` defaults to :func:`compute_dtype_for` the model's dtype.
     The model is for inference from then on (int8 weights take no gradient)."""
+    fuse_projections(model)
     if compute_dtype is None:
         dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
         compute_dtype = compute_dtype_for(dtypes.pop() if len(dtypes) == 1 else torch.float32)
@@ -348,20 +351,22 @@ def quantized_speedups(dtype: torch.dtype = torch.float32) -> dict[str, float]:
 def choose_quantization(requested: str = "auto", device: torch.device | str = "cpu",
                         dtype: torch.dtype = torch.float32, *, int4_lossless: bool = False) -> tuple[str, str]:
     """("none", "int8" or "int4", why) for decoding a model in ``dtype`` on ``device``: as asked, or for
-    "auto" on a CPU the fastest measured of int8 and — only where ``int4_lossless`` (the model's
-    matrices are already on a 4-bit grid, :func:`on_int4_grid`) — int4, if it beat ``dtype`` by
-    INT8_MIN_SPEEDUP; else "none" (on CUDA always: the kernels used are CPU ones)."""
+    "auto" on a CPU: int4 where ``int4_lossless`` (the model's matrices are already on a 4-bit grid,
+    :func:`on_int4_grid`: int4 keeps them exactly, int8 would round them again, and it reads half the
+    bytes) and its matrix-vector product beat ``dtype``'s by INT8_MIN_SPEEDUP; else int8 if its did;
+    else "none" (on CUDA always: the kernels used are CPU ones)."""
     _checks.one_of("quantize", requested, QUANTIZE_CHOICES)
     if requested != "auto":
         return requested, "asked for"
     if torch.device(device).type != "cpu":
         return "none", f"int8/int4 are decoded with CPU kernels only; {device} keeps {str(dtype).removeprefix('torch.')}"
     speedups = quantized_speedups(dtype)
-    candidates = ("int8", "int4") if int4_lossless else ("int8",)
-    best = max(candidates, key=speedups.get)
+    pays = [q for q in (("int4", "int8") if int4_lossless else ("int8",)) if speedups[q] >= INT8_MIN_SPEEDUP]
+    best = pays[0] if pays else max(("int8", "int4") if int4_lossless else ("int8",), key=speedups.get)
     name = str(dtype).removeprefix("torch.")
     unused = "" if int4_lossless else "; int4 only for weights already on a 4-bit grid (ask --quantize int4)"
-    if speedups[best] >= INT8_MIN_SPEEDUP:
-        return best, f"an {best} matrix-vector product measured {speedups[best]:.1f}× faster than {name} here{unused}"
+    if pays:
+        lossless = ", the weights' own 4-bit codes" if best == "int4" else ""
+        return best, f"an {best} matrix-vector product measured {speedups[best]:.1f}× faster than {name} here{lossless}{unused}"
     return "none", (f"an {best} matrix-vector product measured {speedups[best]:.2f}× {name}'s speed here, short of the "
                     f"{INT8_MIN_SPEEDUP}× that pays for its rounding{unused}")

@@ -163,7 +163,8 @@ def smollm2_report(result: dict) -> BenchReport:
          "(attention over the cache and the Python per layer are not in it)."),
         ("- int8: weight-only, per-output-channel symmetric int8 (attnlab.quantize.Int8Linear on "
          "torch.ops.aten._weight_int8pack_mm, activations rounded to bf16 for the kernel), every Linear of the 30 "
-         "blocks and the tied LM head (own int8 copy; the embedding lookup stays fp32, exact)."),
+         "blocks (q/k/v and gate/up fused into one call each) and the tied LM head (own int8 copy; the embedding "
+         "lookup stays fp32, exact)."),
         ("- int4: attnlab.quantize.Int4Linear on torch.ops.aten._weight_int4pack_mm_for_cpu, groups of 32 with a "
          "scale and a min — the GGUF's own Q4_1 codes, recovered exactly (only their bf16 storage and the bf16 "
          "activations round); q/k/v and gate/up fused into one call each; the LM head (Q8_0 in the GGUF) at 8 "
