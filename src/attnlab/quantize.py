@@ -60,6 +60,15 @@ def _check_matrix(weight) -> torch.Tensor:
     return weight.detach().float()
 
 
+def _as_linear_output(y: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+    """A quantized kernel's (M, out) result as nn.Linear would return it for x: x's dtype, bias added,
+    x's leading dimensions."""
+    y = y.to(x.dtype)
+    if bias is not None:
+        y = y + bias.to(x.dtype)
+    return y.view(*x.shape[:-1], out_features)
+
+
 def int8_weights(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(q int8 (out, in), scales float32 (out,)) with weight ≈ q * scales[:, None]: symmetric
     round-to-nearest per output row; an all-zero row gets scale 1 (q is 0 there anyway)."""
@@ -102,16 +111,12 @@ class Int8Linear(nn.Module):
         return self.qweight.float() * self.scales.float()[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
         x2 = x.reshape(-1, self.in_features).to(self.compute_dtype).contiguous()  # (M, in)
         if x2.device.type == "cpu":
             y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scales)  # (M, out)
         else:  # no int8 kernel assumed elsewhere: dequantise on the fly (correct, not faster)
             y = F.linear(x2, self.qweight.to(self.compute_dtype)) * self.scales
-        y = y.to(x.dtype)
-        if self.bias is not None:
-            y = y + self.bias.to(x.dtype)
-        return y.view(*shape[:-1], self.out_features)
+        return _as_linear_output(y, x, self.bias, self.out_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
@@ -221,15 +226,11 @@ class Int4Linear(nn.Module):
                    group_size, linear.bias, planes=2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16, memory_format=torch.contiguous_format)
+        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16, memory_format=torch.contiguous_format)  # (M, in)
         if self.planes == 2:
             x2 = torch.cat([x2, x2], dim=1)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scale_zeros)
-        y = y.to(x.dtype)
-        if self.bias is not None:
-            y = y + self.bias.to(x.dtype)
-        return y.view(*shape[:-1], self.out_features)
+        return _as_linear_output(y, x, self.bias, self.out_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
