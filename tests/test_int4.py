@@ -16,7 +16,7 @@ from attnlab.errors import ConfigError
 from attnlab.ffn import SwiGLU
 from attnlab.generate import generate, quantize_for_generation
 from attnlab.hf.smollm2 import load_smollm2
-from attnlab.models.gpt import GPT, GPTConfig
+from attnlab.models.gpt import GPT
 from attnlab.quantize import (
     Int4Linear,
     Int8Linear,
@@ -27,6 +27,8 @@ from attnlab.quantize import (
     on_int4_grid,
     quantize_int4,
 )
+
+from tiny_decoders import relative_error, sharp_gpt
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -42,15 +44,8 @@ SMOLLM2_INT4_RTOL = 0.025
 
 
 def tiny_gpt(**overrides) -> GPT:
-    torch.manual_seed(5)
-    model = GPT(GPTConfig(**{**TINY, **overrides})).eval()
-    with torch.no_grad():  # sharper logits than the 0.02 init, so greedy argmaxes are not near ties
-        model.lm_head.weight.mul_(20.0)
-    return model
+    return sharp_gpt({**TINY, **overrides}, seed=5)
 
-
-def relative_error(a, b) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm())
 
 
 def on_grid_weight(out_features: int, in_features: int, seed: int = 0) -> torch.Tensor:

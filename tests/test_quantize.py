@@ -16,7 +16,7 @@ from attnlab.data.tokenizer import CharTokenizer
 from attnlab.errors import ConfigError
 from attnlab.generate import generate, generate_text, quantize_for_generation
 from attnlab.hf.smollm2 import load_smollm2
-from attnlab.models.gpt import GPT, GPTConfig
+from attnlab.models.gpt import GPT
 from attnlab.models.rnn import RNNLM, RNNConfig
 from attnlab.quantize import (
     Int8Linear,
@@ -25,6 +25,8 @@ from attnlab.quantize import (
     int8_weights,
     quantize_int8,
 )
+
+from tiny_decoders import relative_error, sharp_gpt
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -41,15 +43,8 @@ NEAR_TIE = 0.5
 
 
 def tiny_gpt(**overrides) -> GPT:
-    torch.manual_seed(3)
-    model = GPT(GPTConfig(**{**TINY, **overrides})).eval()
-    with torch.no_grad():  # sharper logits than the 0.02 init, so greedy argmaxes are not near ties
-        model.lm_head.weight.mul_(20.0)
-    return model
+    return sharp_gpt({**TINY, **overrides}, seed=3)
 
-
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm())
 
 
 @pytest.mark.parametrize("compute_dtype", [torch.bfloat16, torch.float16])

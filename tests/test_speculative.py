@@ -12,9 +12,11 @@ from attnlab.cli import main
 from attnlab.data.tokenizer import CharTokenizer
 from attnlab.errors import ConfigError, InputTypeError
 from attnlab.generate import generate_text, speculative_tokens, stream_tokens
-from attnlab.models.gpt import GPT, GPTConfig
+from attnlab.models.gpt import GPT
 from attnlab.models.rnn import RNNLM, RNNConfig
 from attnlab.quantize import quantize_int4
+
+from tiny_decoders import sharp_gpt
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -24,13 +26,13 @@ TINY = {"vocab_size": 48, "block_size": 32, "n_layer": 2, "n_head": 4, "n_kv_hea
 
 
 def tiny_gpt(seed=5, **overrides) -> GPT:
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig(**{**TINY, **overrides})).eval()
+    """Sharp logits (no near ties for the last bits of batched arithmetic to flip) and larger weights, so
+    the greedy tokens depend on the context."""
+    model = sharp_gpt({**TINY, **overrides}, seed=seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():  # larger weights: greedy tokens that depend on the context
+        for name, p in model.named_parameters():
             if p.dim() == 2 and not name.startswith("lm_head"):
                 p.mul_(8.0)
-        model.lm_head.weight.mul_(20.0)  # sharp logits: no near ties for the last bits of batched arithmetic to flip
     return model
 
 
