@@ -221,6 +221,23 @@ def test_muon_takes_the_hidden_matrices_and_adamw_the_rest():
     assert sum(len(g["params"]) for g in optim.optimizers["adamw"].param_groups) == len(adamw)
 
 
+def test_adamw_lr_sets_the_rate_of_what_adamw_trains_under_muon_and_both_follow_one_schedule():
+    model = GPT.from_config(dict(vocab_size=11, n_layer=1, n_head=2, d_model=16, block_size=8, norm="rmsnorm"))
+    optim = make_optimizer(model, lr=1e-3, adamw_lr=6e-3, kind="muon", warmup_steps=2, decay_steps=6, min_ratio=0.1)
+    peaks = {"muon": 1e-3, "adamw": 6e-3}
+    for step in range(8):
+        expected = WarmupCosine(2, 6, 0.1)(step)
+        for name, opt in optim.optimizers.items():
+            assert all(g["lr"] == pytest.approx(peaks[name] * expected) for g in opt.param_groups), (name, step)
+        for p in model.parameters():
+            p.grad = torch.ones_like(p)
+        optim.step()
+    plain = make_optimizer(model, lr=1e-3, kind="muon")
+    assert all(g["lr"] == 1e-3 for opt in plain.optimizers.values() for g in opt.param_groups)  # default: lr
+    with pytest.raises(ConfigError, match="adamw_lr"):
+        TrainConfig(adamw_lr=0.0)
+
+
 def test_muon_trains(corpus, tmp_path):
     summary = train(tmp_path / "run", model=MODEL, config=config(corpus, optimizer="muon", lr=5e-3))
     rows = read_metrics(tmp_path / "run")
@@ -246,24 +263,29 @@ def test_our_muon_is_torchs_muon_with_newton_schulz_in_a_chosen_dtype(nesterov, 
         torch.testing.assert_close(w, b, atol=5e-3, rtol=0)  # fp32 Newton-Schulz: bf16's rounding apart
 
 
-def test_muon_orthogonalises_same_shape_matrices_in_one_batch_as_it_would_one_by_one(monkeypatch):
-    """Same-shape weights go through Newton-Schulz as one (G, m, n) stack: each update equals the
-    one computed for that matrix alone (fp32; batched and single matmuls may differ in the last bits)."""
+@pytest.mark.parametrize("adjust, calls", [("match_rms_adamw", [(4, 6, 10)]), (None, [(3, 6, 10), (6, 10)])])
+def test_muon_orthogonalises_same_shape_matrices_in_one_batch_as_it_would_one_by_one(monkeypatch, adjust, calls):
+    """Weights of one shape up to a transpose (and one LR scale) go through Newton-Schulz as one
+    (G, m, n) stack, tall ones turned wide: each update equals the one computed for that matrix alone
+    (fp32; batched and single matmuls may differ in the last bits). Keller's scale √max(1, rows/cols)
+    differs between 6×10 and 10×6, so under it the tall one goes alone."""
     torch.manual_seed(1)
     weights = [torch.randn(6, 10, requires_grad=True) for _ in range(3)] + [torch.randn(10, 6, requires_grad=True)]
     alone = [[w.detach().clone().requires_grad_()] for w in weights]
-    together = Muon(weights, lr=0.05, ns_dtype=torch.float32, weight_decay=0.1)
-    singles = [Muon(params, lr=0.05, ns_dtype=torch.float32, weight_decay=0.1) for params in alone]
+    kwargs = dict(lr=0.05, ns_dtype=torch.float32, weight_decay=0.1, adjust_lr_fn=adjust)
+    together = Muon(weights, **kwargs)
+    singles = [Muon(params, **kwargs) for params in alone]
     batched = []
     real = optim_module.newton_schulz
     monkeypatch.setattr(optim_module, "newton_schulz", lambda g, *a: batched.append(tuple(g.shape)) or real(g, *a))
     for _ in range(3):
+        batched.clear()
         grads = [torch.randn_like(w) for w in weights]
         for w, (a,), g in zip(weights, alone, grads):
             w.grad, a.grad = g.clone(), g.clone()
         together.step()
+        assert batched == calls
         for opt in singles:
             opt.step()
-    assert (3, 6, 10) in batched and (10, 6) in batched  # the three 6×10 matrices shared one call
     for w, (a,) in zip(weights, alone):
         torch.testing.assert_close(w, a, atol=1e-6, rtol=1e-5)

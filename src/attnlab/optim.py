@@ -65,23 +65,27 @@ class Muon(torch.optim.Muon):
     def step(self, closure=None):
         for group in self.param_groups:
             lr, momentum = group["lr"], group["momentum"]
-            by_shape: dict[torch.Size, list] = {}
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
-                buf.lerp_(p.grad, 1 - momentum)
-                update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
-                by_shape.setdefault(p.shape, []).append((p, update))
-            for shape, pairs in by_shape.items():  # same-shape matrices orthogonalised in one batch
-                updates = [u for _, u in pairs]
-                stacked = updates[0] if len(updates) == 1 else torch.stack(updates)
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad)) for p in params]
+            torch._foreach_lerp_(bufs, grads, 1 - momentum)  # one call for all matrices, not one per matrix
+            updates = torch._foreach_lerp(grads, bufs, momentum) if group["nesterov"] else bufs
+            # Matrices that are the same up to a transpose (w1 (h, d) and w2 (d, h)) share one batched
+            # Newton-Schulz: tall ones are turned wide first, as newton_schulz would do for each alone.
+            batches: dict[tuple, list[int]] = {}
+            for i, p in enumerate(params):
+                key = (min(p.shape), max(p.shape), _rms_matching_scale(group["adjust_lr_fn"], p.shape))
+                batches.setdefault(key, []).append(i)
+            torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
+            for (_, _, scale), members in batches.items():
+                wide = [updates[i].mT if params[i].size(0) > params[i].size(1) else updates[i] for i in members]
+                stacked = wide[0] if len(wide) == 1 else torch.stack(wide)
                 ortho = newton_schulz(stacked, group["ns_coefficients"], group["ns_steps"], group["eps"], self.ns_dtype)
-                ortho = [ortho] if len(updates) == 1 else ortho.unbind(0)
-                scale = lr * _rms_matching_scale(group["adjust_lr_fn"], shape)
-                for (p, _), update in zip(pairs, ortho):
-                    p.mul_(1 - lr * group["weight_decay"])
-                    p.add_(update, alpha=-scale)
+                ortho = [ortho] if len(wide) == 1 else ortho.unbind(0)
+                ortho = [o.mT if params[i].size(0) > params[i].size(1) else o for i, o in zip(members, ortho)]
+                torch._foreach_add_([params[i] for i in members], ortho, alpha=-lr * scale)
         return None
 
 
@@ -145,12 +149,13 @@ def _adamw(params: dict[str, nn.Parameter], lr: float, weight_decay: float, beta
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)
 
 
-def make_optimizer(model: nn.Module, *, lr: float, weight_decay: float = 0.1, betas=(0.9, 0.99), kind: str = "adamw",
-                   warmup_steps: int = 0, decay_steps: int = 1, min_ratio: float = 1.0,
-                   ns_dtype: torch.dtype = torch.float32) -> Optimization:
+def make_optimizer(model: nn.Module, *, lr: float, adamw_lr: float | None = None, weight_decay: float = 0.1,
+                   betas=(0.9, 0.99), kind: str = "adamw", warmup_steps: int = 0, decay_steps: int = 1,
+                   min_ratio: float = 1.0, ns_dtype: torch.dtype = torch.float32) -> Optimization:
     """AdamW for everything, or Muon (Moonshot's RMS matching, so ``lr`` and ``weight_decay`` carry
-    over from AdamW; Newton-Schulz in ``ns_dtype``) for the hidden matrices and AdamW for the rest;
-    one schedule for all."""
+    over from AdamW; Newton-Schulz in ``ns_dtype``) for the hidden matrices and AdamW (at ``adamw_lr``,
+    default ``lr``: the speedrun gives embeddings a far higher rate than the matrices) for the rest;
+    one schedule, a multiplier of each peak rate, for all."""
     _checks.one_of("optimizer", kind, OPTIMIZERS)
     params = dict(model.named_parameters())
     schedule = WarmupCosine(warmup_steps, decay_steps, min_ratio)
@@ -158,7 +163,8 @@ def make_optimizer(model: nn.Module, *, lr: float, weight_decay: float = 0.1, be
         return Optimization({"adamw": _adamw({n: p for n, p in params.items() if p.requires_grad}, lr, weight_decay,
                                              betas)}, schedule)
     muon, adamw = muon_parameters(model)
-    optimizers = {"adamw": _adamw({n: params[n] for n in adamw}, lr, weight_decay, betas)}
+    optimizers = {"adamw": _adamw({n: params[n] for n in adamw}, lr if adamw_lr is None else adamw_lr, weight_decay,
+                                  betas)}
     if muon:
         optimizers["muon"] = Muon([params[n] for n in muon], lr=lr, weight_decay=weight_decay,
                                   adjust_lr_fn="match_rms_adamw", ns_dtype=ns_dtype)

@@ -53,6 +53,8 @@ class TrainConfig:
     optimizer: str = option("adamw", "adamw for every parameter, or muon for the hidden matrices (AdamW for "
                             "embeddings, head, norms, biases, routers, experts)", choices=OPTIMIZERS)
     lr: float = option(1e-3, "peak learning rate, reached after warmup")
+    adamw_lr: float | None = option(None, "peak learning rate of what AdamW trains under --optimizer muon (embeddings, "
+                                    "LM head, norms, biases); None: lr. --optimizer adamw uses lr")
     min_lr: float | None = option(None, "learning rate at the end of the decay; None: lr / 10")
     warmup_steps: int = option(100, "steps of linear warmup")
     decay_steps: int | None = option(None, "cosine decay length; None: max_steps")
@@ -91,6 +93,8 @@ class TrainConfig:
             if getattr(self, name) is not None:
                 _checks.positive_int(name, getattr(self, name))
         _checks.positive("lr", self.lr)
+        if self.adamw_lr is not None:
+            _checks.positive("adamw_lr", self.adamw_lr)
         _checks.non_negative("weight_decay", self.weight_decay)
         _checks.non_negative("grad_clip", self.grad_clip)
         _checks.real("val_fraction", self.val_fraction, low=0, high=1, low_open=True, high_open=True)
@@ -164,8 +168,8 @@ class Trainer:
         self.out = None if out_dir is None else Path(out_dir)
         self.ddp, self.meta, self.progress, self.clock = ddp, dict(checkpoint_meta or {}), progress, clock
         min_lr = cfg.lr / 10 if cfg.min_lr is None else cfg.min_lr
-        self.optim = make_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2),
-                                    kind=cfg.optimizer, warmup_steps=cfg.warmup_steps,
+        self.optim = make_optimizer(model, lr=cfg.lr, adamw_lr=cfg.adamw_lr, weight_decay=cfg.weight_decay,
+                                    betas=(cfg.beta1, cfg.beta2), kind=cfg.optimizer, warmup_steps=cfg.warmup_steps,
                                     decay_steps=cfg.decay_steps or cfg.max_steps, min_ratio=min_lr / cfg.lr,
                                     ns_dtype=devices.choose_precision("auto", device).torch_dtype)
         self.step, self.tokens, self.elapsed_before = 0, 0, 0.0
