@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from attnlab.attention import GroupedQueryAttention
-from attnlab.attention.fuse import concat_linears
+from attnlab.attention import gqa as gqa_module
+from attnlab.attention.fuse import concat_linears, joint_linear
 from attnlab.errors import ConfigError
 from attnlab.ffn import SwiGLU
 from attnlab.generate import generate, quantize_for_generation
@@ -78,6 +79,35 @@ def test_fused_attention_and_swiglu_compute_the_same_numbers():
         cache = attn.new_cache(2, 9)
         attn(x[:, :5], cache=cache)
         torch.testing.assert_close(attn(x[:, 5:6], cache=cache), ref_step, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("qkv_bias", [False, True])
+def test_training_projects_q_k_v_in_one_matmul_with_the_same_outputs_and_gradients(qkv_bias):
+    """In train mode attention runs one matmul over the concatenated q/k/v weights (joint_linear);
+    its outputs and every parameter's gradient equal those of the three projections run apart."""
+    torch.manual_seed(0)
+    joint = GroupedQueryAttention(64, 4, 2, rope=True, qkv_bias=qkv_bias).train()
+    apart = copy.deepcopy(joint)
+    x = torch.randn(2, 9, 64)
+    calls = []
+    real = gqa_module.joint_linear
+    gqa_module.joint_linear = lambda *a: calls.append(1) or real(*a)
+    try:
+        y_joint = joint(x)
+        apart.eval()  # eval mode: q, k and v one by one (no dropout in either)
+        y_apart = apart(x)
+    finally:
+        gqa_module.joint_linear = real
+    assert len(calls) == 1
+    torch.testing.assert_close(y_joint, y_apart, rtol=1e-5, atol=1e-6)
+    y_joint.square().sum().backward()
+    y_apart.square().sum().backward()
+    for (name, a), b in zip(joint.named_parameters(), apart.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5, msg=name)
+    quantized = copy.deepcopy(joint)
+    quantized.k_proj = Int8Linear.from_linear(quantized.k_proj)
+    assert joint_linear(x, (quantized.q_proj, quantized.k_proj)) is None  # not plain Linears: one by one
+    torch.testing.assert_close(quantized(x), y_joint, rtol=0.05, atol=0.05)
 
 
 def test_fuse_projections_of_a_gpt_keeps_its_logits_and_skips_mla():

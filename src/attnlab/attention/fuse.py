@@ -1,8 +1,10 @@
-"""Fusing Linears that read the same input into one, for decoding, where every call costs."""
+"""Fusing Linears that read the same input into one: for decoding, where every call costs, for good
+(:func:`concat_linears`), or for one training step's matmuls (:func:`joint_linear`)."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from attnlab.errors import ConfigError
@@ -25,3 +27,19 @@ def concat_linears(linears: list[nn.Linear]) -> nn.Linear:
             fused.bias.copy_(torch.cat([m.bias for m in linears]))
     fused.weight.requires_grad_(first.weight.requires_grad)
     return fused
+
+
+def joint_linear(x: torch.Tensor, linears) -> torch.Tensor | None:
+    """The outputs of plain ``nn.Linear`` modules that read ``x``, side by side, from one matmul over
+    their weights concatenated on the fly; None where any is not a plain Linear (a quantized or
+    adapted one), so the caller runs them one by one.
+
+    The parameters stay separate (each its own optimizer state, Muon matrix and checkpoint entry);
+    only the arithmetic is joint: one matmul forward and two backward instead of three and six, and
+    under autocast one weight cast. Worth it for many tokens (training); at batch-1 decoding the
+    concatenation would copy the weights every token, so callers fuse for good there instead."""
+    if any(type(m) is not nn.Linear for m in linears):
+        return None
+    biases = [m.bias for m in linears]
+    bias = None if biases[0] is None else torch.cat(biases)
+    return F.linear(x, torch.cat([m.weight for m in linears]), bias)

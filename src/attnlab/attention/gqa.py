@@ -13,7 +13,7 @@ from torch import nn
 
 from attnlab import _checks
 from attnlab.attention.cache import KVCache
-from attnlab.attention.fuse import concat_linears
+from attnlab.attention.fuse import concat_linears, joint_linear
 from attnlab.attention.head_mask import MasksHeads
 from attnlab.attention.record import RecordsAttention
 from attnlab.attention.rope import RotaryEmbedding, default_positions
@@ -77,13 +77,22 @@ class GroupedQueryAttention(RecordsAttention, MasksHeads, nn.Module):
         B, T, _ = x.shape
         nh, nkv, hs = self.n_heads, self.n_kv_heads, self.head_dim
         qk = None  # queries and keys side by side (B, nh + nkv, T, hs) when the projections are fused
-        if self.qkv_proj is None:
+        if self.qkv_proj is not None:
+            qkv = self.qkv_proj(x)
+        elif self.training:  # one matmul over the three weights (parameters stay separate)
+            qkv = joint_linear(x, (self.q_proj, self.k_proj, self.v_proj))
+        else:
+            qkv = None
+        if qkv is None:
             q = self.q_proj(x).view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
             k = self.k_proj(x).view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
             v = self.v_proj(x).view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
         else:
-            qkv = self.qkv_proj(x).view(B, T, nh + 2 * nkv, hs).transpose(1, 2)  # (B, nh + 2·nkv, T, hs)
-            qk, v = qkv[:, :nh + nkv], qkv[:, nh + nkv:]
+            qkv = qkv.view(B, T, nh + 2 * nkv, hs).transpose(1, 2)  # (B, nh + 2·nkv, T, hs)
+            if self.rope is None:
+                q, k, v = qkv.split([nh, nkv, nkv], dim=1)
+            else:  # queries and keys stay side by side for one rotation
+                qk, v = qkv.split([nh + nkv, nkv], dim=1)
         if self.rope is not None:
             if rotary is None:
                 length = None

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from attnlab.attention.fuse import joint_linear
 from attnlab.attention.gqa import GroupedQueryAttention
 from attnlab.attention.lecture import MultiHeadAttention, MultiHeadAttentionWrapper
 from attnlab.attention.mla import MultiHeadLatentAttention, mla_dims
@@ -34,7 +35,8 @@ DTYPES = ("fp32", "bf16")
 
 
 class _Floor(nn.Module):
-    """The least a causal MHA block can do: three projections, PyTorch's fused kernel, the output."""
+    """The least a causal MHA block can do: three projections (one matmul over their weights when
+    training), PyTorch's fused kernel, the output."""
 
     def __init__(self, d_model: int, n_heads: int):
         super().__init__()
@@ -46,7 +48,12 @@ class _Floor(nn.Module):
 
     def forward(self, x):
         B, T, C = x.shape
-        q, k, v = (p(x).view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2) for p in (self.q, self.k, self.v))
+        if self.training:  # one matmul over the three weights, as attnlab's modules train
+            qkv = joint_linear(x, (self.q, self.k, self.v)).view(B, T, 3 * self.n_heads, C // self.n_heads)
+            q, k, v = qkv.transpose(1, 2).split([self.n_heads] * 3, dim=1)
+        else:
+            q, k, v = (p(x).view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2)
+                       for p in (self.q, self.k, self.v))
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
         return self.out(y.transpose(1, 2).reshape(B, T, C))
 
