@@ -9,6 +9,7 @@ Every attention module calls :func:`attend`, so a fix here lands everywhere.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -110,16 +111,27 @@ def pad_to_one_head_dim(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     return tuple(t if t.size(-1) == width else F.pad(t, (0, width - t.size(-1))) for t in (q, k, v))
 
 
+@functools.lru_cache(maxsize=16)
+def _causal_bias(q_len: int, k_len: int, group: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Additive causal mask (group·q_len, k_len): 0 where a query may look, -inf where not, the rows
+    repeated for each query head of a group. Made once per shape: training asks for it every layer."""
+    allowed = causal_mask(q_len, k_len, device).repeat(group, 1)
+    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
+
+
 def _explicit(q, k, v, causal, mask, dropout_p, scale):
-    batch, n_heads, q_len, _ = q.shape
+    batch, n_heads, q_len, dim = q.shape
     n_kv_heads, k_len = k.size(1), k.size(-2)
     group = n_heads // n_kv_heads
-    # Group the query heads that share a K/V head: (B, Hkv, G, Tq, D) against (B, Hkv, 1, Tk, D).
-    qg = q.reshape(batch, n_kv_heads, group, q_len, q.size(-1))
-    scores = qg @ k.unsqueeze(2).transpose(-2, -1)  # (B, Hkv, G, Tq, Tk)
-    scores = scores.reshape(batch, n_heads, q_len, k_len) * scale
-    if causal:
-        scores = scores.masked_fill(~causal_mask(q_len, k_len, q.device), float("-inf"))
+    # The query heads that share a K/V head become one block of rows: (B·Hkv, G·Tq, D) against (B·Hkv, D, Tk).
+    qg = q.reshape(batch * n_kv_heads, group * q_len, dim)
+    kt = k.reshape(batch * n_kv_heads, k_len, dim).transpose(1, 2)
+    if causal:  # scale, scores and mask in one call: scale·(q kᵀ) + bias
+        bias = _causal_bias(q_len, k_len, group, torch.promote_types(q.dtype, k.dtype), q.device)
+        scores = torch.baddbmm(bias, qg, kt, alpha=scale)
+    else:
+        scores = torch.bmm(qg, kt) * scale
+    scores = scores.view(batch, n_heads, q_len, k_len)
     return attend_scores(scores, v, mask=mask, dropout_p=dropout_p)
 
 
