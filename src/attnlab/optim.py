@@ -83,6 +83,7 @@ class Muon(torch.optim.Muon):
                 wide = [updates[i].mT if params[i].size(0) > params[i].size(1) else updates[i] for i in members]
                 stacked = wide[0] if len(wide) == 1 else torch.stack(wide)
                 ortho = newton_schulz(stacked, group["ns_coefficients"], group["ns_steps"], group["eps"], self.ns_dtype)
+                ortho = ortho.to(params[members[0]].dtype)  # one cast for the batch, not one per matrix in the add
                 ortho = [ortho] if len(wide) == 1 else ortho.unbind(0)
                 ortho = [o.mT if params[i].size(0) > params[i].size(1) else o for i, o in zip(members, ortho)]
                 torch._foreach_add_([params[i] for i in members], ortho, alpha=-lr * scale)
