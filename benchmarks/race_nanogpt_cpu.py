@@ -39,6 +39,9 @@ NANOGPT_EVAL = re.compile(r"step (\d+): train loss ([\d.]+), val loss ([\d.]+)")
 # Each of the race recipe's changes, undone one at a time (toward nanoGPT's recipe), for --changes.
 CHANGES = {
     "Muon → AdamW (lr 2e-3)": ["--optimizer", "adamw", "--lr", "2e-3"],
+    "AdamW part at 6× Muon's lr → 1× (3.6e-2 → 6e-3)": ["--adamw-lr", "6e-3"],
+    "decay to step 275 → 350": ["--max-steps", "350"],
+    "warmup 10 → 20 steps": ["--warmup-steps", "20"],
     "RoPE → learned positions": ["--positions", "learned"],
     "RMSNorm → LayerNorm": ["--norm", "layernorm"],
     "SwiGLU → GELU MLP": ["--activation", "gelu"],

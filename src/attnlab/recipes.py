@@ -38,10 +38,10 @@ RECIPES = {
     ),
     "race": Recipe(
         "attnlab's race to nanoGPT's val loss: RoPE + RMSNorm + SwiGLU, Muon for the hidden matrices (lr 6e-3) "
-        "and AdamW for the rest (lr 3.6e-2), batch 16, decay to step 275",
+        "and AdamW for the rest (lr 3.6e-2), batch 16, warmup 10, decay to step 275",
         dict(n_layer=4, n_head=4, d_model=128, block_size=64, attention="mha", positions="rope", norm="rmsnorm",
              activation="swiglu", dropout=0.0),
-        dict(batch_size=16, optimizer="muon", lr=6e-3, adamw_lr=3.6e-2, min_lr=2e-4, warmup_steps=20, max_steps=275,
+        dict(batch_size=16, optimizer="muon", lr=6e-3, adamw_lr=3.6e-2, min_lr=2e-4, warmup_steps=10, max_steps=275,
              eval_interval=25, eval_start=200, target_val_loss=RACE_TARGET, dtype="auto", attention_kernel="auto", **_JUDGE),
     ),
 }
