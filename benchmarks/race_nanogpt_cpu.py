@@ -27,7 +27,7 @@ from pathlib import Path
 
 from attnlab.bench.results import markdown_table
 from attnlab.device import choose_precision, describe_machine, machine_facts
-from attnlab.recipes import RACE_TARGET
+from attnlab.recipes import RACE_TARGET, recipe
 
 # nanoGPT's README: "python train.py config/train_shakespeare_char.py --device=cpu --compile=False ...".
 NANOGPT_FLAGS = ["--device=cpu", "--compile=False", "--eval_iters=20", "--log_interval=1", "--block_size=64",
@@ -149,6 +149,7 @@ def _report(runs: dict, args) -> str:
 
 def _changes_report(race: list[dict], changes: dict) -> str:
     """One row per change undone: steps and time to the target against the full recipe's (median)."""
+    train = recipe("race").train
     base_wall = statistics.median(r["wall_s"] for r in race)
     rows = [["the race recipe (median of the rounds)", _reached(race[0]), f"{base_wall:.1f} s", "1.00×"]]
     for name, r in changes.items():
@@ -157,8 +158,9 @@ def _changes_report(race: list[dict], changes: dict) -> str:
     return "\n".join([
         "", "## Each change, undone one at a time", "",
         ("The race recipe with one of its changes reverted toward nanoGPT's recipe (same seed, same stop rule: the "
-        "first eval at or below the target, evals every 25 steps from step 250, at most 350 steps). A change pays "
-        "where undoing it costs steps or time."), "",
+        f"first eval at or below the target, evals every {train['eval_interval']} steps from step "
+        f"{train['eval_start']}, at most {train['max_steps']} steps unless the change is the step budget). A change "
+        "pays where undoing it costs steps or time."), "",
         markdown_table(["change undone", f"reaches <= {RACE_TARGET}", "wall time", "÷ race recipe"], rows), "",
     ])
 
