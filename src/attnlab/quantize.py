@@ -18,9 +18,12 @@ group of 32 consecutive input weights of a row as 4-bit codes with a scale and a
 (q in 0..15, the group's min and max as the grid's ends). That is llama.cpp's Q4_1 block, so on
 SmolLM2, whose GGUF holds its matrices as Q4_1, the codes, scales and offsets are recovered exactly
 and only their bf16 storage in the kernel rounds (the scales to 8 significant bits); it reads half
-of int8's bytes. The tied LM head (Q8_0 in the GGUF, 8 bits per weight) is kept at 8 bits as two
-4-bit planes of the same kernel: group-wise symmetric int8 codes c = 16·hi + lo, with
-w = c·d = (hi + 8 − 8)·16d + (lo − 8)·d + 8d, the input given twice.
+of int8's bytes. The LM head (Q8_0 in SmolLM2's GGUF) gets 4-bit codes too, but only to rank the
+vocabulary: :class:`RescoredHead` recomputes the best :data:`HEAD_CANDIDATES` logits of each position
+in fp32 from the float rows, so the token picked does not hang on the kernel's bf16 output, whose
+spacing of 0.125 at logits of 16–32 tied SmolLM2's top two tokens exactly. ``Int4Linear(planes=2)``
+keeps 8 bits as two 4-bit planes of the same kernel (group-wise symmetric int8 codes c = 16·hi + lo,
+w = c·d = (hi + 8 − 8)·16d + (lo − 8)·d + 8d, the input given twice), for a Linear that must keep them.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ INT8_MIN_SPEEDUP = 1.2
 INT4_GROUP = 32
 INT4_GROUPS = (32, 64, 128, 256)
 _INT4_ROWS = 16
+HEAD_CANDIDATES = 16  # logits per position that RescoredHead recomputes in fp32
 # A matrix is "already on a 4-bit grid" (int4 loses nothing but the bf16 rounding of its scales) when
 # the codes rebuild it to this relative precision (fp32 arithmetic on Q4_1 values: a few ulps).
 INT4_EXACT_RTOL = 1e-5
@@ -237,6 +241,34 @@ class Int4Linear(nn.Module):
                 f"bits={4 * self.planes}, group_size={self.group_size}")
 
 
+class RescoredHead(nn.Module):
+    """An LM head that ranks the vocabulary with a quantized copy (``approx``) and then recomputes the
+    ``candidates`` best logits of each position exactly, from the float ``weight`` rows (and ``bias``)
+    in the input's dtype: k rows read per token, not the whole matrix. Greedy decoding then picks the
+    argmax of exact logits whenever the true best token ranks among the approximate top k; the other
+    logits keep the approximate values."""
+
+    def __init__(self, approx: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                 candidates: int = HEAD_CANDIDATES):
+        super().__init__()
+        _checks.positive_int("candidates", candidates)
+        self.approx, self.candidates = approx, candidates
+        self.weight = weight  # the float matrix (vocab, d): the tied embedding's own parameter, or the head's
+        self.bias = bias
+        self.out_features, self.in_features = weight.shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.approx(x)  # (..., vocab)
+        top = logits.topk(min(self.candidates, logits.size(-1)), dim=-1).indices  # (..., k)
+        exact = (self.weight[top].to(x.dtype) @ x.unsqueeze(-1)).squeeze(-1)  # (..., k, d) @ (..., d, 1)
+        if self.bias is not None:
+            exact = exact + self.bias[top].to(x.dtype)
+        return logits.scatter(-1, top, exact.to(logits.dtype))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, candidates={self.candidates}"
+
+
 def on_int4_grid(weight: torch.Tensor, group_size: int = INT4_GROUP) -> bool:
     """Whether 4-bit group codes rebuild ``weight`` (to INT4_EXACT_RTOL of its largest entry): true of
     a matrix read from 4-bit blocks such as a GGUF's Q4_1, false of trained float weights."""
@@ -248,7 +280,8 @@ def on_int4_grid(weight: torch.Tensor, group_size: int = INT4_GROUP) -> bool:
 
 def int4_lossless(model: nn.Module, group_size: int = INT4_GROUP) -> bool:
     """Whether :func:`quantize_int4` would keep ``model``'s 4-bit matrices as they are (each one
-    :func:`on_int4_grid`; the LM head, kept at 8 bits, and Linears the kernel cannot take aside)."""
+    :func:`on_int4_grid`; the LM head, whose top candidates are rescored in float, and Linears the
+    kernel cannot take aside)."""
     head = getattr(model, "lm_head", None)
     matrices = [child.weight for _, _, child in _quantizable_linears(model)
                 if child is not head and int4_fits(child, group_size)]
@@ -278,25 +311,29 @@ def fuse_projections(model: nn.Module) -> int:
 
 
 def quantize_int4(model: nn.Module, *, group_size: int = INT4_GROUP) -> dict[str, int]:
-    """Replace the Linears of a CPU ``model`` (in place) by :class:`Int4Linear`: 4 bits per weight,
-    except the LM head (``model.lm_head``, whose logits pick the token; a tied one gets its own copy,
-    the embedding keeps its float weights), which keeps 8 bits in two planes. Linears the kernel
-    cannot take (in_features not by group_size, out_features not by 16) become :class:`Int8Linear`,
-    and MLA's stay float, as with :func:`quantize_int8`. Linears that read the same input (attention's
-    q/k/v, SwiGLU's gate/up) are fused first (``fuse_projections``): one kernel call instead of three or
-    two, the same codes, since groups run along rows. Returns how many became int4, int8 (two planes)
-    and Int8Linear."""
+    """Replace the Linears of a CPU ``model`` (in place) by :class:`Int4Linear`: 4 bits per weight.
+    The LM head (``model.lm_head``, whose logits pick the token) becomes a :class:`RescoredHead`: its
+    4-bit copy ranks the vocabulary and the top candidates are scored from its float weight (a tied
+    head's is the embedding's, which keeps its float rows for the token lookup too). Linears the
+    kernel cannot take (in_features not by group_size, out_features not by 16) become
+    :class:`Int8Linear`, and MLA's stay float, as with :func:`quantize_int8`. Linears that read the
+    same input (attention's q/k/v, SwiGLU's gate/up) are fused first (``fuse_projections``): one kernel
+    call instead of three or two, the same codes, since groups run along rows. Returns how many became
+    int4 and Int8Linear, and whether the head is rescored (1 or 0)."""
     fuse_projections(model)
     head = getattr(model, "lm_head", None)
-    counts = {"int4": 0, "int8_planes": 0, "int8": 0}
+    counts = {"int4": 0, "int8": 0, "rescored_head": 0}
     for parent, name, child in _quantizable_linears(model):
         if not int4_fits(child, group_size):
             setattr(parent, name, Int8Linear.from_linear(child))
             counts["int8"] += 1
             continue
-        bits = 8 if child is head else 4
-        setattr(parent, name, Int4Linear.from_linear(child, group_size, bits))
-        counts["int4" if bits == 4 else "int8_planes"] += 1
+        quantized = Int4Linear.from_linear(child, group_size)
+        counts["int4"] += 1
+        if child is head:
+            quantized = RescoredHead(quantized, child.weight, child.bias)
+            counts["rescored_head"] = 1
+        setattr(parent, name, quantized)
     return counts
 
 

@@ -167,8 +167,9 @@ def smollm2_report(result: dict) -> BenchReport:
          "lookup stays fp32, exact)."),
         ("- int4: attnlab.quantize.Int4Linear on torch.ops.aten._weight_int4pack_mm_for_cpu, groups of 32 with a "
          "scale and a min — the GGUF's own Q4_1 codes, recovered exactly (only their bf16 storage and the bf16 "
-         "activations round); q/k/v and gate/up fused into one call each; the LM head (Q8_0 in the GGUF) at 8 "
-         "bits as two 4-bit planes."),
+         "activations round); q/k/v and gate/up fused into one call each; the LM head (Q8_0 in the GGUF) ranks "
+         "the vocabulary in 4 bits and its top 16 logits per token are recomputed in fp32 from the embedding's "
+         "rows (attnlab.quantize.RescoredHead)."),
         (f"- speculative: the int4 copy drafts up to {DRAFT_TOKENS} tokens, fp32 checks them in one pass and keeps "
          "the agreeing prefix plus its own next token (attnlab.generate.speculative_tokens): fp32's greedy tokens "
          "by construction; bytes per token are the draft's (fp32's are read once per pass)."),
