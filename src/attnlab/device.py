@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from attnlab.errors import ConfigError
-from attnlab.timing import best_seconds, time_call
+from attnlab.timing import best_seconds, best_seconds_alternating, time_call
 
 log = logging.getLogger("attnlab")
 
@@ -115,8 +115,21 @@ class Precision:
 
 
 def bf16_speedup(device: torch.device | str = "cpu") -> float:
-    """bf16 ÷ fp32 matmul speed measured on ``device`` (> 1: bf16 is faster)."""
-    return matmul_gflops("bfloat16", device) / matmul_gflops("float32", device)
+    """bf16 ÷ fp32 matmul speed measured on ``device`` (> 1: bf16 is faster), the two timed in
+    alternating rounds; measured once per process, device and thread count."""
+    device = torch.device(device)
+    return _bf16_speedup(str(device), _PROBE_SIZE, torch.get_num_threads())
+
+
+@functools.cache
+def _bf16_speedup(device: str, size: int, threads: int) -> float:
+    dev = torch.device(device)
+    generator = torch.Generator(device=dev).manual_seed(0)
+    fp32 = [torch.randn(size, size, generator=generator, device=dev) for _ in range(2)]
+    bf16 = [t.to(torch.bfloat16) for t in fp32]
+    seconds = best_seconds_alternating({"float32": lambda: torch.mm(*fp32), "bfloat16": lambda: torch.mm(*bf16)},
+                                       device=dev, give_up_after=0.5)
+    return seconds["float32"] / seconds["bfloat16"]
 
 
 @functools.cache
@@ -170,12 +183,13 @@ def choose_threads(requested: int | None = None) -> tuple[int, str]:
         return 1, "one core"
     generator = torch.Generator().manual_seed(0)
     a, b = torch.randn(512, 512, generator=generator), torch.randn(512, 512, generator=generator)
-    best = {1: float("inf"), default: float("inf")}
+    def at(threads):
+        def call():
+            torch.set_num_threads(threads)
+            torch.mm(a, b)
+        return call
     try:
-        for _ in range(3):
-            for threads in best:
-                torch.set_num_threads(threads)
-                best[threads] = min(best[threads], best_seconds(lambda: torch.mm(a, b), repeats=3))
+        best = best_seconds_alternating({1: at(1), default: at(default)})
     finally:
         torch.set_num_threads(default)
     speedup = best[1] / best[default]

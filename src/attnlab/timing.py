@@ -43,3 +43,16 @@ def best_seconds(fn, *, repeats: int = 5, warmup: int = 1, device=None, give_up_
         if best > give_up_after:
             break
     return best
+
+
+def best_seconds_alternating(fns: dict, *, rounds: int = 3, repeats: int = 3, warmup: int = 1, device=None,
+                             give_up_after: float = float("inf")) -> dict:
+    """The fastest call of each of ``fns`` (name -> callable), timed in alternating rounds: a burst of
+    load from another process slows one round of each, not every call of one, so it cannot decide a
+    ratio between them alone."""
+    best = {name: float("inf") for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            best[name] = min(best[name], best_seconds(fn, repeats=repeats, warmup=warmup, device=device,
+                                                      give_up_after=give_up_after))
+    return best
