@@ -38,6 +38,7 @@ NANOGPT_EVAL = re.compile(r"step (\d+): train loss ([\d.]+), val loss ([\d.]+)")
 
 # Each of the race recipe's changes, undone one at a time (toward nanoGPT's recipe), for --changes.
 CHANGES = {
+    "3 layers → 4 (nanoGPT's depth)": ["--n-layer", "4"],
     "Muon → AdamW (lr 2e-3)": ["--optimizer", "adamw", "--lr", "2e-3"],
     "AdamW part at 6× Muon's lr → 1× (3.6e-2 → 6e-3)": ["--adamw-lr", "6e-3"],
     "decay to step 275 → 350": ["--max-steps", "350"],
