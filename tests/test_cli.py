@@ -1,6 +1,7 @@
 """The CLI's contract for mistakes: one line on stderr, exit code 2, no traceback."""
 
 import dataclasses
+import json
 import subprocess
 import sys
 
@@ -78,3 +79,15 @@ def test_train_flags_read_like_their_config_fields(monkeypatch, capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["train", "--attention", "bogus"])
     assert exc.value.code == 2 and "invalid choice: 'bogus'" in capsys.readouterr().err
+
+
+def test_the_module_entry_exits_with_mains_code_and_all_of_its_output():
+    """run() leaves with os._exit after main(): the code is main's and the piped output is whole."""
+    ok = subprocess.run([sys.executable, "-m", "attnlab", "env", "--format", "json", "--device", "cpu"],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["choices"]["device"] == "cpu"
+    bad = subprocess.run([sys.executable, "-m", "attnlab", "generate", "--model", "smollm2", "--prompt", "x",
+                          "--speculate"], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert len(bad.stderr.splitlines()) == 1 and "speculate" in bad.stderr, bad.stderr

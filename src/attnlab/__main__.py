@@ -1,5 +1,5 @@
 """`python -m attnlab` (and `torchrun -m attnlab`) runs the CLI."""
 
-from attnlab.cli import main
+from attnlab.cli import run
 
-raise SystemExit(main())
+run()
