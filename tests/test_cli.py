@@ -91,3 +91,21 @@ def test_the_module_entry_exits_with_mains_code_and_all_of_its_output():
                           "--speculate"], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stdout == ""
     assert len(bad.stderr.splitlines()) == 1 and "speculate" in bad.stderr, bad.stderr
+
+
+def test_the_quick_exit_waits_for_a_thread_that_is_still_working(tmp_path):
+    script = (
+        "import pathlib, sys, threading, time\n"
+        "from attnlab import cli\n"
+        "def late():\n"
+        "    time.sleep(0.3)\n"
+        "    pathlib.Path(sys.argv[1]).write_text('done')\n"
+        "def main():\n"
+        "    threading.Thread(target=late).start()\n"
+        "    return 3\n"
+        "cli.main = main\n"
+        "cli.run()\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path / "late.txt")], capture_output=True, text=True)
+    assert result.returncode == 3, result.stderr
+    assert (tmp_path / "late.txt").read_text() == "done"
