@@ -820,7 +820,8 @@ def run() -> None:
     optimizer pulls in) takes ≈ 0.8 s on a 2-core machine, 5% of a race run, after the work is done:
     everything attnlab writes is closed by then (files are written in ``with`` blocks or atomically).
     So the exit handlers run (logging's flush, multiprocessing's joins, ...), the standard streams are
-    flushed and the process leaves without the teardown, unless a non-daemon thread is still running. ``main`` itself, which tests call, returns."""
+    flushed and the process leaves without the teardown, unless a non-daemon thread is still running.
+    ``main`` itself, which tests call, returns."""
     code = main()
     if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
         sys.exit(code)  # a thread is still working: the interpreter's own exit waits for it

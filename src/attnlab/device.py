@@ -75,12 +75,16 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def _probe_matrices(dev: torch.device, size: int, dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two (size×size) matrices every matmul probe multiplies: the same values (seed 0) in any dtype."""
+    generator = torch.Generator(device=dev).manual_seed(0)
+    return tuple(torch.randn(size, size, generator=generator, device=dev).to(TORCH_DTYPES[dtype]) for _ in range(2))
+
+
 @functools.cache
 def _matmul_gflops(device: str, dtype: str, size: int, threads: int) -> float:
     dev = torch.device(device)
-    generator = torch.Generator(device=dev).manual_seed(0)
-    a = torch.randn(size, size, generator=generator, device=dev).to(TORCH_DTYPES[dtype])
-    b = torch.randn(size, size, generator=generator, device=dev).to(TORCH_DTYPES[dtype])
+    a, b = _probe_matrices(dev, size, dtype)
     return 2 * size**3 / best_seconds(lambda: torch.mm(a, b), repeats=5, device=dev, give_up_after=0.5) / 1e9
 
 
@@ -124,9 +128,7 @@ def bf16_speedup(device: torch.device | str = "cpu") -> float:
 @functools.cache
 def _bf16_speedup(device: str, size: int, threads: int) -> float:
     dev = torch.device(device)
-    generator = torch.Generator(device=dev).manual_seed(0)
-    fp32 = [torch.randn(size, size, generator=generator, device=dev) for _ in range(2)]
-    bf16 = [t.to(torch.bfloat16) for t in fp32]
+    fp32, bf16 = _probe_matrices(dev, size, "float32"), _probe_matrices(dev, size, "bfloat16")
     seconds = best_seconds_alternating({"float32": lambda: torch.mm(*fp32), "bfloat16": lambda: torch.mm(*bf16)},
                                        device=dev, give_up_after=0.5)
     return seconds["float32"] / seconds["bfloat16"]

@@ -4,7 +4,7 @@
   64, batch 12, lr 1e-3, 2000 iterations, dropout 0, fp32 as nanoGPT runs on a CPU), built with
   attnlab's GPT configured like nanoGPT's; it ends near val loss 1.886;
 - ``race``: attnlab's recipe for the race to that loss (3 Llama-style blocks, one fewer than nanoGPT's:
-  they cross at the same steps for a quarter less compute; Muon for the hidden matrices, AdamW at 6×
+  in fp32 three seeds crossed at the same steps for a quarter less compute; Muon for the hidden matrices, AdamW at 6×
   Muon's rate for the embeddings and norms as the speedrun does, a decay that ends near the crossing;
   the precision and kernel the machine measured fastest).
 
