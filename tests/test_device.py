@@ -171,3 +171,22 @@ def test_the_bf16_probe_is_a_ratio_of_alternating_rounds(monkeypatch):
         assert devices.bf16_speedup("cpu") == 2.0 and seen["names"] == {"float32", "bfloat16"}
     finally:
         devices._bf16_speedup.cache_clear()
+
+
+def test_l2_cache_size_comes_from_sysfs_and_falls_back_to_1_mib(tmp_path, monkeypatch):
+    for index, (level, kind, size) in enumerate([("1", "Data", "48K"), ("1", "Instruction", "32K"),
+                                                 ("2", "Unified", "2048K"), ("3", "Unified", "32M")]):
+        entry = tmp_path / f"index{index}"
+        entry.mkdir()
+        for name, text in (("level", level), ("type", kind), ("size", size)):
+            (entry / name).write_text(text + "\n")
+    assert devices._l2_from_sysfs(str(tmp_path)) == 2 * 1024 * 1024
+    assert devices._l2_from_sysfs(str(tmp_path / "absent")) is None
+    devices.l2_cache_bytes.cache_clear()
+    try:
+        monkeypatch.setattr(devices.os, "sysconf", lambda name: 0)  # as a VM that does not say
+        monkeypatch.setattr(devices, "_l2_from_sysfs", lambda root: None)
+        assert devices.l2_cache_bytes() == 1024 * 1024
+    finally:
+        devices.l2_cache_bytes.cache_clear()
+    assert devices.l2_cache_bytes() >= 64 * 1024  # this machine's own answer

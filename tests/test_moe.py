@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from attnlab import device as devices
 from attnlab import expert_dispatch
 from attnlab.bench.moe import CASES, DENSE, FAST, REFERENCE, moe_report, run_moe
 from attnlab.bench.results import write_report
@@ -360,6 +361,17 @@ def test_expert_chunks_cover_every_expert_and_row_once():
         assert all(c[3] - c[2] == sum(sizes[c[0]:c[1]]) for c in chunks)
     assert len(expert_dispatch.expert_chunks(sizes, 4, 10**9)) == 1
     assert len(expert_dispatch.expert_chunks(sizes, 4, 1)) == 4  # a chunk closes on each of the 4 experts with rows
+
+
+def test_chunks_are_sized_by_this_machines_l2_cache_unless_set(monkeypatch):
+    sizes = [4] * 16  # 64 rows of 1 KiB
+    monkeypatch.setattr(expert_dispatch, "CHUNK_BYTES", None)
+    monkeypatch.setattr(devices, "l2_cache_bytes", lambda: 16 * 1024)
+    assert [c[3] - c[2] for c in expert_dispatch.expert_chunks(sizes, 1024)] == [16] * 4
+    monkeypatch.setattr(devices, "l2_cache_bytes", lambda: 64 * 1024)
+    assert len(expert_dispatch.expert_chunks(sizes, 1024)) == 1
+    monkeypatch.setattr(expert_dispatch, "CHUNK_BYTES", 8 * 1024)  # a set size wins over the cache's
+    assert len(expert_dispatch.expert_chunks(sizes, 1024)) == 8
 
 
 def test_fast_dispatch_skips_dx_when_the_input_needs_no_gradient_and_matches_with_it():

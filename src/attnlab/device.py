@@ -75,6 +75,52 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+_L2_FALLBACK_BYTES = 1024 * 1024  # where the OS does not say: the smallest per-core L2 of the CPUs measured here
+
+
+@functools.cache
+def l2_cache_bytes() -> int:
+    """One core's L2 cache in bytes: from sysconf, else Linux's sysfs, else 1 MiB.
+
+    Work split into cache-sized pieces (the MoE dispatch's chunks of expert rows) sizes them from
+    this, because the best size follows the machine: 2 MiB chunks were fastest on an Intel Xeon
+    with 2 MiB of L2 per core, and 12% slower than 1 MiB ones on an AMD EPYC with 1 MiB.
+    """
+    try:
+        size = os.sysconf("SC_LEVEL2_CACHE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        size = 0
+    if size and size > 0:
+        return int(size)
+    return _l2_from_sysfs("/sys/devices/system/cpu/cpu0/cache") or _L2_FALLBACK_BYTES
+
+
+def _l2_from_sysfs(root: str) -> int | None:
+    """The unified or data L2 size listed under ``root`` (index*/level and index*/size, e.g. "1024K")."""
+    try:
+        entries = sorted(os.listdir(root))
+    except OSError:
+        return None
+    for entry in entries:
+        try:
+            with open(os.path.join(root, entry, "level")) as f:
+                level = f.read().strip()
+            with open(os.path.join(root, entry, "type")) as f:
+                kind = f.read().strip()
+            with open(os.path.join(root, entry, "size")) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        if level != "2" or kind == "Instruction":
+            continue
+        units = {"K": 1024, "M": 1024 ** 2, "G": 1024 ** 3}
+        try:
+            return int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
+        except (ValueError, IndexError):
+            continue
+    return None
+
+
 def _probe_matrices(dev: torch.device, size: int, dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The two (size×size) matrices every matmul probe multiplies: the same values (seed 0) in any dtype."""
     generator = torch.Generator(device=dev).manual_seed(0)

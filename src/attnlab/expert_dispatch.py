@@ -5,7 +5,7 @@ hand-written backward that walks the same sorted chunks.
 Why this shape, measured on CPU (see benchmarks/results/moe.md): the matmuls are the same FLOPs as a
 dense SwiGLU's, but an MoE moves top-k times more token rows (gathered inputs, outputs, their
 gradients). Run as whole-layer passes those rows leave the cache between steps; chunk by chunk
-(≈2 MiB of rows) gather → w1|w3 → SiLU·up → w2 → scatter stay in cache, and the backward
+(one core's L2 cache of rows) gather → w1|w3 → SiLU·up → w2 → scatter stay in cache, and the backward
 recomputes the cheap parts (the gather, SiLU) instead of keeping them. w1 and w3 (gate and up) are
 concatenated into one (E, d, 2·hidden) weight, so the first layer is one matmul per expert with twice
 the columns, which small experts run at a better rate. The custom ``autograd.Function`` also spares
@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from attnlab import device
 
 
 def sort_by_expert(indices: torch.Tensor, counts: torch.Tensor,
@@ -35,11 +37,14 @@ def sort_by_expert(indices: torch.Tensor, counts: torch.Tensor,
 
 
 # Rows per chunk of experts: the forward and the backward run gather → matmuls → scatter one chunk at a time
-# so a chunk's token rows (this many bytes of them) stay in cache between the steps that reuse them.
-# Measured (fp32, 1 thread, AVX-512, fwd+bwd, CPU time, side by side): 64 experts × 32 top-6 + 1 shared on
-# 4×512 tokens took 34.5 ms in 2 MiB chunks, 36.3 in 512 KiB, 37.0 in 256 KiB, 42.8 in one; at 384 tokens
-# (one chunk either way) and on the compare's 8 experts × 128 (two chunks) the sizes were within noise.
-CHUNK_BYTES = 2 * 1024 * 1024
+# so a chunk's token rows (this many bytes of them) stay in cache between the steps that reuse them. None (the
+# default) sizes a chunk as one core's L2 cache (device.l2_cache_bytes()), because the best size followed it
+# (fp32, 1 thread, fwd+bwd, side by side):
+# - Intel Xeon, 2 MiB L2: 64 experts × 32 top-6 + 1 shared on 4×512 tokens took 34.5 ms in 2 MiB chunks, 36.3 in
+#   512 KiB, 37.0 in 256 KiB, 42.8 in one; at 384 tokens and on the compare's MoE the sizes were within noise.
+# - AMD EPYC, 1 MiB L2: the fine-grained MoE on 2,048 tokens took 30.6 ms in 2 MiB chunks, 25.9 in 1 MiB, 25.5 in
+#   768 KiB, 25.8 in 512 KiB (with a shared expert on 4×512: 30.6, 27.6, 28.4, 28.4); at 384 tokens within noise.
+CHUNK_BYTES: int | None = None
 
 
 def routed_experts(x: torch.Tensor, slot_weights: torch.Tensor, token: torch.Tensor, counts: torch.Tensor,
@@ -58,7 +63,8 @@ def routed_experts(x: torch.Tensor, slot_weights: torch.Tensor, token: torch.Ten
 def expert_chunks(sizes: list[int], row_bytes: int, budget: int | None = None) -> list[tuple[int, int, int, int]]:
     """Consecutive experts grouped until their rows fill ``budget`` bytes: (first expert, end expert, first row,
     end row) each, covering every expert (experts with no row ride along in a chunk)."""
-    budget = CHUNK_BYTES if budget is None else budget
+    if budget is None:
+        budget = CHUNK_BYTES if CHUNK_BYTES is not None else device.l2_cache_bytes()
     chunks, first_expert, first_row, row = [], 0, 0, 0
     for expert, size in enumerate(sizes):
         row += size

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from attnlab import _checks
+from attnlab import device as devices
 from attnlab.bench.attention import time_case
 from attnlab.bench.flops import moe_flops_per_token, swiglu_flops_per_token
 from attnlab.bench.results import BenchReport, Table, fmt_ratio
@@ -162,9 +163,9 @@ def moe_report(rows: list[dict]) -> BenchReport:
              f"{label.split(':')[0]} {'×'.join(map(str, g[0]['shape']))}: {g[0]['load_imbalance']:.2f}"
              for label, g in groups.items()) + "."),
         ("- fast dispatch (attnlab/expert_dispatch.py): one stable argsort of the (token, slot) assignments by "
-         "expert and one host sync for the counts; then, a chunk of consecutive experts at a time (≈2 MiB of "
-         "token rows, so they stay in cache): gather the rows, w1|w3 fused into one torch._grouped_mm, SiLU·up, "
-         "gate weight, w2, index_add_ back; a hand-written backward walks the same chunks. The reference loops "
+         "expert and one host sync for the counts; then, a chunk of consecutive experts at a time (one core's L2 "
+         f"cache of token rows, {devices.l2_cache_bytes() // 1024} KiB here, so they stay in cache): gather the rows, "
+         "w1|w3 fused into one torch._grouped_mm, SiLU·up, gate weight, w2, index_add_ back; a hand-written backward walks the same chunks. The reference loops "
          "over experts with torch.where, as DeepSeek-V3's code does."),
     ]
     diffs = [r["max_diff"] for r in rows if r["max_diff"] is not None]
