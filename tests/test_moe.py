@@ -315,10 +315,10 @@ def _assert_dispatches_agree(moe, x):
 @given(
     n_experts=st.integers(1, 12),
     top_k=st.integers(1, 4),
-    hidden=st.sampled_from([4, 6, 8]),  # 4 and 8 rows of 16 bytes: torch._grouped_mm; 6: the per-expert loop
+    hidden=st.sampled_from([4, 6, 8]),
     capacity_factor=st.sampled_from([None, 0.5, 1.0]),
     tokens=st.integers(1, 40),
-    chunk_bytes=st.sampled_from([1, 200, 512 * 1024]),  # one expert per chunk, a few, all in one
+    chunk_bytes=st.sampled_from([1, 200, 512 * 1024]),  # one expert per batch, a few (padded), all in one
     shared=st.integers(0, 1),
 )
 def test_fast_equals_reference_over_experts_topk_capacity_tokens_and_chunks(
@@ -352,26 +352,44 @@ def test_experts_that_receive_no_token_get_zero_gradients_in_both_dispatches(hid
         assert torch.all(grad[idle] == 0) and grad.abs().sum() > 0
 
 
-def test_expert_chunks_cover_every_expert_and_row_once():
-    sizes = [3, 0, 5, 0, 0, 2, 7]
-    for budget in (1, 4 * 8, 10**9):
-        chunks = expert_dispatch.expert_chunks(sizes, row_bytes=4, budget=budget)
-        assert [c[0] for c in chunks] == [0] + [c[1] for c in chunks[:-1]] and chunks[-1][1] == len(sizes)
-        assert [c[2] for c in chunks] == [0] + [c[3] for c in chunks[:-1]] and chunks[-1][3] == sum(sizes)
-        assert all(c[3] - c[2] == sum(sizes[c[0]:c[1]]) for c in chunks)
-    assert len(expert_dispatch.expert_chunks(sizes, 4, 10**9)) == 1
-    assert len(expert_dispatch.expert_chunks(sizes, 4, 1)) == 4  # a chunk closes on each of the 4 experts with rows
+def test_expert_batches_hold_every_expert_with_rows_once_ranked_by_load():
+    sizes = [3, 0, 5, 0, 0, 2, 7, 5]
+    for budget in (1, 4 * 11, 10**9):
+        batches = expert_dispatch.expert_batches(sizes, row_bytes=4, budget=budget)
+        members = [e for experts, _ in batches for e in experts]
+        assert members == [5, 0, 2, 7, 6]  # by rows, ties by id; the empty experts 1, 3, 4 nowhere
+        assert all(rows == max(sizes[e] for e in experts) for experts, rows in batches)
+        assert all(len(experts) * rows * 4 <= budget for experts, rows in batches if len(experts) > 1)
+    assert expert_dispatch.expert_batches(sizes, 4, 10**9) == [([5, 0, 2, 7, 6], 7)]
+    assert len(expert_dispatch.expert_batches(sizes, 4, 1)) == 5  # over budget: one expert per batch
+    assert expert_dispatch.expert_batches(sizes, 4, 4 * 11) == [([5, 0], 3), ([2, 7], 5), ([6], 7)]
 
 
-def test_chunks_are_sized_by_this_machines_l2_cache_unless_set(monkeypatch):
+def test_a_heavy_expert_never_pads_the_light_ones_to_its_size():
+    sizes = [1] * 63 + [10_000]  # everything on one expert but a row each
+    batches = expert_dispatch.expert_batches(sizes, row_bytes=512, budget=512 * 1024)
+    assert batches == [(list(range(63)), 1), ([63], 10_000)]
+    slots = expert_dispatch._padded_slots(sizes, batches, "cpu")
+    assert slots.numel() == sum(sizes)  # no padding at all here
+    assert torch.equal(slots.sort().values, torch.arange(sum(sizes)))
+
+
+def test_padded_slots_point_at_each_experts_rows_and_padding_at_m():
+    sizes = [2, 0, 3, 1]  # assignments 0-1 on expert 0, 2-4 on expert 2, 5 on expert 3
+    batches = [([3, 0], 2), ([2], 3)]
+    slots = expert_dispatch._padded_slots(sizes, batches, "cpu")
+    assert slots.tolist() == [5, 6, 0, 1, 2, 3, 4]  # expert 3's second slot is padding: M = 6
+
+
+def test_batches_are_sized_by_this_machines_l2_cache_unless_set(monkeypatch):
     sizes = [4] * 16  # 64 rows of 1 KiB
     monkeypatch.setattr(expert_dispatch, "CHUNK_BYTES", None)
-    monkeypatch.setattr(devices, "l2_cache_bytes", lambda: 16 * 1024)
-    assert [c[3] - c[2] for c in expert_dispatch.expert_chunks(sizes, 1024)] == [16] * 4
+    monkeypatch.setattr(devices, "l2_cache_bytes", lambda: 16 * 1024)  # 16 rows a batch
+    assert [len(experts) * rows for experts, rows in expert_dispatch.expert_batches(sizes, 1024)] == [16] * 4
     monkeypatch.setattr(devices, "l2_cache_bytes", lambda: 64 * 1024)
-    assert len(expert_dispatch.expert_chunks(sizes, 1024)) == 1
+    assert len(expert_dispatch.expert_batches(sizes, 1024)) == 1
     monkeypatch.setattr(expert_dispatch, "CHUNK_BYTES", 8 * 1024)  # a set size wins over the cache's
-    assert len(expert_dispatch.expert_chunks(sizes, 1024)) == 8
+    assert len(expert_dispatch.expert_batches(sizes, 1024)) == 8
 
 
 def test_fast_dispatch_skips_dx_when_the_input_needs_no_gradient_and_matches_with_it():

@@ -1,15 +1,23 @@
 """The MoE layer's fast dispatch: every (token, expert) assignment sorted by expert once, the routed
-SwiGLU experts run as grouped matmuls over the sorted rows, a chunk of experts at a time, and a
-hand-written backward that walks the same sorted chunks.
+SwiGLU experts run as padded batched matmuls (``torch.bmm``), a batch of experts at a time, and a
+hand-written backward that walks the same batches.
 
 Why this shape, measured on CPU (see benchmarks/results/moe.md): the matmuls are the same FLOPs as a
 dense SwiGLU's, but an MoE moves top-k times more token rows (gathered inputs, outputs, their
-gradients). Run as whole-layer passes those rows leave the cache between steps; chunk by chunk
-(one core's L2 cache of rows) gather → w1|w3 → SiLU·up → w2 → scatter stay in cache, and the backward
-recomputes the cheap parts (the gather, SiLU) instead of keeping them. w1 and w3 (gate and up) are
-concatenated into one (E, d, 2·hidden) weight, so the first layer is one matmul per expert with twice
-the columns, which small experts run at a better rate. The custom ``autograd.Function`` also spares
-torch._grouped_mm's autograd backward, which on CPU reads each group offset back with ``.item()``.
+gradients). Run as whole-layer passes those rows leave the cache between steps; batch by batch (one
+core's L2 cache of rows) gather → w1|w3 → SiLU·up → w2 → scatter stay in cache, and the
+backward recomputes the cheap parts (the gather, SiLU) instead of keeping them.
+
+A batch holds experts of similar load (experts are ranked by their number of rows), each padded to
+the batch's largest, so one ``bmm`` runs them all: padding is a few percent, and ``bmm`` splits its
+batch over the cores, where per-expert matmuls of 30–200 rows are each too small to thread. Measured
+side by side against the earlier dispatch (``torch._grouped_mm`` per chunk of consecutive experts),
+fp32 fwd+bwd on a 2-core AMD EPYC, 64 experts × 32 top-6: on 2 threads 6.5 ms against 7.5 at 384
+tokens, 17.8 against 18.5 at 2,048, 17.3 against 19.1 with a shared expert on 4×512; on 1 thread it
+is 3–6% slower (28.3 against 26.9 ms at 2,048). From 1 to 2 threads it gains 1.2–1.9× where the
+per-expert matmuls gained 1.0–1.6×, and more cores widen that. Padding slots read a zero row and
+weigh 0, so they add nothing to any output or gradient. w1 and w3 (gate and up) run as one
+(d, 2·hidden) matmul per expert.
 """
 
 from __future__ import annotations
@@ -36,15 +44,40 @@ def sort_by_expert(indices: torch.Tensor, counts: torch.Tensor,
     return order[rank < capacity], counts.clamp(max=capacity)
 
 
-# Rows per chunk of experts: the forward and the backward run gather → matmuls → scatter one chunk at a time
-# so a chunk's token rows (this many bytes of them) stay in cache between the steps that reuse them. None (the
-# default) sizes a chunk as one core's L2 cache (device.l2_cache_bytes()), because the best size followed it
-# (fp32, 1 thread, fwd+bwd, side by side):
-# - Intel Xeon, 2 MiB L2: 64 experts × 32 top-6 + 1 shared on 4×512 tokens took 34.5 ms in 2 MiB chunks, 36.3 in
-#   512 KiB, 37.0 in 256 KiB, 42.8 in one; at 384 tokens and on the compare's MoE the sizes were within noise.
-# - AMD EPYC, 1 MiB L2: the fine-grained MoE on 2,048 tokens took 30.6 ms in 2 MiB chunks, 25.9 in 1 MiB, 25.5 in
-#   768 KiB, 25.8 in 512 KiB (with a shared expert on 4×512: 30.6, 27.6, 28.4, 28.4); at 384 tokens within noise.
+# Padded rows per batch of experts: the forward and the backward run gather → matmuls → scatter one batch at a
+# time so its token rows (at most this many bytes of them) stay in cache between the steps that reuse them. None
+# (the default) is one core's L2 cache (device.l2_cache_bytes()). Measured (fp32, fwd+bwd, side by side, AMD EPYC
+# with 1 MiB of L2), 64 experts × 32 top-6 on 2,048 tokens: 28.3 / 27.3 / 29.4 ms with all, half and a quarter of
+# the L2 on 1 thread, 17.8 / 19.0 / 21.1 ms on 2 threads; with a shared expert on 4×512 tokens, 2 threads: 17.3 /
+# 19.1 / 21.3 ms. The earlier per-chunk torch._grouped_mm dispatch had been fastest in 2 MiB chunks on an Intel
+# Xeon with 2 MiB of L2 and in 1 MiB ones on this EPYC: the size follows the cache.
 CHUNK_BYTES: int | None = None
+
+
+def batch_budget() -> int:
+    """Bytes of padded token rows per batch of experts: CHUNK_BYTES when set, else one core's L2 cache."""
+    return CHUNK_BYTES if CHUNK_BYTES is not None else device.l2_cache_bytes()
+
+
+def expert_batches(sizes: list[int], row_bytes: int, budget: int | None = None) -> list[tuple[list[int], int]]:
+    """Experts with rows, fewest rows first, grouped while a batch's padded rows fit in ``budget`` bytes.
+
+    Returns (experts, rows) per batch: each expert's block is padded to ``rows``, the batch's largest, and
+    the batch runs as one batched matmul. Ordering by size keeps neighbours alike, so padding stays small;
+    a batch closes before an expert that would take it over the budget (an expert larger than the budget
+    is a batch of its own, with no padding). Experts with no row are in no batch (their gradients are zero).
+    """
+    budget = batch_budget() if budget is None else budget
+    ranked = sorted((e for e, size in enumerate(sizes) if size), key=lambda e: sizes[e])  # stable: ties by id
+    batches, members = [], []
+    for expert in ranked:
+        if members and (len(members) + 1) * sizes[expert] * row_bytes > budget:
+            batches.append((members, sizes[members[-1]]))  # ascending sizes: the last member is the largest
+            members = []
+        members.append(expert)
+    if members:
+        batches.append((members, sizes[members[-1]]))
+    return batches
 
 
 def routed_experts(x: torch.Tensor, slot_weights: torch.Tensor, token: torch.Tensor, counts: torch.Tensor,
@@ -54,111 +87,110 @@ def routed_experts(x: torch.Tensor, slot_weights: torch.Tensor, token: torch.Ten
     x (N, d); slot_weights (M,) and token (M,) for the M kept assignments sorted by expert, counts (E,)
     rows per expert; w1, w3 (E, hidden, d) and w2 (E, d, hidden) in the compute dtype.
     """
-    sizes = counts.tolist()  # the one host sync: chunk bounds and the per-expert loop need them
-    chunks = expert_chunks(sizes, x.shape[1] * x.element_size())
-    grouped = _grouped_mm_applies(x, x.shape[1], w1.shape[1])
-    return _SortedExperts.apply(x, slot_weights, token, (sizes, chunks, grouped), w1, w2, w3)
+    sizes = counts.tolist()  # the one host sync: the batches are planned from it
+    batches = expert_batches(sizes, x.shape[1] * x.element_size())
+    slots = _padded_slots(sizes, batches, token.device)
+    return _BatchedExperts.apply(x, slot_weights, token, (batches, slots), w1, w2, w3)
 
 
-def expert_chunks(sizes: list[int], row_bytes: int, budget: int | None = None) -> list[tuple[int, int, int, int]]:
-    """Consecutive experts grouped until their rows fill ``budget`` bytes: (first expert, end expert, first row,
-    end row) each, covering every expert (experts with no row ride along in a chunk)."""
-    if budget is None:
-        budget = CHUNK_BYTES if CHUNK_BYTES is not None else device.l2_cache_bytes()
-    chunks, first_expert, first_row, row = [], 0, 0, 0
+def _padded_slots(sizes: list[int], batches: list[tuple[list[int], int]], dev) -> torch.Tensor:
+    """For every padded slot of every batch, in batch order: the assignment it holds, or M (padding).
+
+    Batch b is a (len(experts), rows) block of slots; row p of expert e holds assignment starts[e] + p
+    while p < sizes[e]. Built with a few whole-tensor ops, not a loop over slots.
+    """
+    starts = [0] * len(sizes)
+    total = 0
     for expert, size in enumerate(sizes):
-        row += size
-        if (row - first_row) * row_bytes >= budget or expert == len(sizes) - 1:
-            chunks.append((first_expert, expert + 1, first_row, row))
-            first_expert, first_row = expert + 1, row
-    return chunks
+        starts[expert], total = total, total + size
+    experts = [e for members, _ in batches for e in members]
+    widths = torch.tensor([rows for members, rows in batches for _ in members], dtype=torch.long, device=dev)
+    block = torch.repeat_interleave(torch.arange(len(experts), device=dev), widths)  # (P,) block of each slot
+    place = torch.arange(block.numel(), device=dev) - (widths.cumsum(0) - widths)[block]  # row within its block
+    first = torch.tensor([starts[e] for e in experts], dtype=torch.long, device=dev)[block]
+    size = torch.tensor([sizes[e] for e in experts], dtype=torch.long, device=dev)[block]
+    return torch.where(place < size, first + place, total)
 
 
-def _times(a: torch.Tensor, w: torch.Tensor, sizes: list[int], grouped: bool) -> torch.Tensor:
-    """a (R, in) sorted by expert with sizes[e] rows each, w (E, in, out) -> (R, out): block e of a times w[e]."""
-    if grouped:
-        return torch._grouped_mm(a, w, offs=_offsets(sizes, a.device))
-    out = a.new_empty(a.shape[0], w.shape[-1])
-    for ae, we, oe in zip(a.split(sizes), w.unbind(0), out.split(sizes)):
-        torch.mm(ae, we, out=oe)
+def _with_zero_row(t: torch.Tensor) -> torch.Tensor:
+    """t with one more row of zeros: where padded slots gather from and scatter to."""
+    out = t.new_empty(t.shape[0] + 1, *t.shape[1:])
+    out[:-1].copy_(t)
+    out[-1].zero_()
     return out
 
 
-def _outer(a: torch.Tensor, b: torch.Tensor, sizes: list[int], grouped: bool) -> torch.Tensor:
-    """a (R, p), b (R, q) sorted by expert -> (E, p, q): block eᵀ of a times block e of b (a weight gradient)."""
-    if grouped:
-        return torch._grouped_mm(a.t(), b, offs=_offsets(sizes, a.device))
-    out = a.new_empty(len(sizes), a.shape[1], b.shape[1])
-    for ae, be, oe in zip(a.split(sizes), b.split(sizes), out.unbind(0)):
-        torch.mm(ae.t(), be, out=oe)
-    return out
+class _BatchedExperts(torch.autograd.Function):
+    """Forward and backward of the routed experts as padded batched matmuls, one batch of experts at a time.
 
-
-def _offsets(sizes: list[int], device) -> torch.Tensor:
-    ends, total = [], 0
-    for size in sizes:
-        total += size
-        ends.append(total)
-    return torch.tensor(ends, dtype=torch.int32, device=device)  # end row of each expert's block
-
-
-def _grouped_mm_applies(x: torch.Tensor, d_model: int, hidden: int) -> bool:
-    """torch._grouped_mm runs on CPU for fp32/bf16/fp16 when every row stride is a multiple of 16 bytes."""
-    if not hasattr(torch, "_grouped_mm") or x.device.type != "cpu" or x.dtype == torch.float64:
-        return False
-    return all(dim * x.element_size() % 16 == 0 for dim in (d_model, hidden))
-
-
-class _SortedExperts(torch.autograd.Function):
-    """Forward and backward of the routed experts over assignments sorted by expert, chunk by chunk."""
+    Everything a batch needs is gathered once for all batches, in batch order: each slot's token row and
+    weight, and the experts' weights (w1|w3 side by side), so a batch takes contiguous slices of them.
+    """
 
     @staticmethod
-    def forward(ctx, x, slot_weights, token, layout, w1, w2, w3):
-        hidden = w1.shape[1]
-        w13 = torch.cat([w1, w3], dim=1).transpose(1, 2)  # (E, d, 2h): gate | up side by side
-        w2t = w2.transpose(1, 2)  # (E, h, d)
-        sizes, chunks, grouped = layout  # rows per expert, expert_chunks(sizes), torch._grouped_mm or a loop
+    def forward(ctx, x, slot_weights, token, plan, w1, w2, w3):
+        batches, slots = plan
+        n, d, hidden = x.shape[0], x.shape[1], w1.shape[1]
         with torch.autocast(x.device.type, enabled=False):
-            gates, ups, silus = [], [], []  # per chunk, each (m, h) and contiguous: kept for the backward
-            y = x.new_zeros(x.shape)
-            for e0, e1, r0, r1 in chunks:
-                rows, block_sizes = token[r0:r1], sizes[e0:e1]
-                pre = _times(x.index_select(0, rows), w13[e0:e1], block_sizes, grouped)  # (m, 2h)
-                gate, up = pre[:, :hidden].contiguous(), pre[:, hidden:].contiguous()  # elementwise runs faster
+            order = torch.tensor([e for members, _ in batches for e in members], dtype=torch.long, device=x.device)
+            rows = torch.cat([token, token.new_full((1,), n)]).index_select(0, slots)  # padding: the zero row n
+            weights = torch.cat([slot_weights, slot_weights.new_zeros(1)]).index_select(0, slots)  # padding: 0
+            w13 = torch.cat([w1, w3], dim=1).index_select(0, order)  # (K, 2h, d), K experts with rows, batch order
+            w2s = w2.index_select(0, order)  # (K, d, h)
+            x_pad = _with_zero_row(x)
+            y = x.new_zeros(n + 1, d)
+            saved = []
+            for (e0, e1, s0, s1), (members, width) in zip(_spans(batches), batches):
+                shape = (len(members), width)
+                weight = weights[s0:s1].view(*shape, 1)
+                pre = torch.bmm(x_pad.index_select(0, rows[s0:s1]).view(*shape, d), w13[e0:e1].transpose(1, 2))
+                gate, up = pre[..., :hidden].contiguous(), pre[..., hidden:].contiguous()  # elementwise runs faster
                 silu = F.silu(gate)
-                act = silu * up  # (m, h)
-                act.mul_(slot_weights[r0:r1].unsqueeze(-1))  # weight before w2: hidden < d_model
-                y.index_add_(0, rows, _times(act, w2t[e0:e1], block_sizes, grouped))
-                gates.append(gate)
-                ups.append(up)
-                silus.append(silu)
-        ctx.save_for_backward(x, slot_weights, token, w13, w2t)
-        ctx.chunks, ctx.sizes, ctx.grouped = chunks, sizes, grouped
-        ctx.per_chunk = list(zip(gates, ups, silus))  # intermediates: kept per chunk, no copy into one tensor
-        return y
+                act = silu * up  # (B, C, h)
+                act.mul_(weight)  # weight before w2: hidden < d_model
+                y.index_add_(0, rows[s0:s1], torch.bmm(act, w2s[e0:e1].transpose(1, 2)).view(-1, d))
+                saved.append((gate, up, silu))
+        ctx.save_for_backward(x_pad, slots, rows, weights, order, w13, w2s)
+        ctx.batches, ctx.shapes = batches, (slot_weights.shape[0], w1.shape[0])
+        ctx.per_batch = saved  # intermediates: kept per batch, no copy into one tensor
+        return y[:n]
 
     @staticmethod
     def backward(ctx, dy):
-        x, slot_weights, token, w13, w2t = ctx.saved_tensors
-        chunks, sizes, grouped, hidden = ctx.chunks, ctx.sizes, ctx.grouped, w2t.shape[1]
+        x_pad, slots, rows, weights, order, w13, w2s = ctx.saved_tensors
+        (m, experts), (n, d), hidden = ctx.shapes, (x_pad.shape[0] - 1, x_pad.shape[1]), w2s.shape[2]
         with torch.autocast(dy.device.type, enabled=False):
-            dy = dy.to(x.dtype)
-            dx = dy.new_zeros(dy.shape) if ctx.needs_input_grad[0] else None
-            dslot = slot_weights.new_empty(slot_weights.shape)
-            dw13, dw2 = [], []  # per chunk: (e1 - e0, 2h, d), (e1 - e0, d, h)
-            for (e0, e1, r0, r1), (gate, up, silu) in zip(chunks, ctx.per_chunk):
-                rows, block_sizes, weight = token[r0:r1], sizes[e0:e1], slot_weights[r0:r1].unsqueeze(-1)
-                dout = dy.index_select(0, rows)  # (m, d)
+            dy_pad = _with_zero_row(dy.to(x_pad.dtype))
+            dx = x_pad.new_zeros(n + 1, d) if ctx.needs_input_grad[0] else None
+            dslot = x_pad.new_empty(slots.numel())  # per padded slot, in batch order
+            dw13 = x_pad.new_empty(w13.shape)  # per expert in batch order
+            dw2 = x_pad.new_empty(w2s.shape)
+            for (e0, e1, s0, s1), (members, width), (gate, up, silu) in zip(_spans(ctx.batches), ctx.batches,
+                                                                           ctx.per_batch):
+                shape = (len(members), width)
+                weight = weights[s0:s1].view(*shape, 1)
+                dout = dy_pad.index_select(0, rows[s0:s1]).view(*shape, d)
                 act = silu * up
-                dw2.append(_outer(dout, act * weight, block_sizes, grouped))
-                dact = _times(dout, w2t[e0:e1].transpose(1, 2), block_sizes, grouped)  # (m, h) d(weighted act)
-                torch.sum(dact * act, dim=-1, out=dslot[r0:r1])
+                torch.bmm(dout.transpose(1, 2), act * weight, out=dw2[e0:e1])
+                dact = torch.bmm(dout, w2s[e0:e1])  # (B, C, h): d(weighted act)
+                torch.sum(dact * act, dim=-1, out=dslot[s0:s1].view(shape))
                 dact.mul_(weight)
-                dpre = torch.cat([torch.ops.aten.silu_backward(dact * up, gate), dact.mul_(silu)], dim=1)  # (m, 2h)
-                dw13.append(_outer(dpre, x.index_select(0, rows), block_sizes, grouped))
+                dpre = torch.cat([torch.ops.aten.silu_backward(dact * up, gate), dact.mul_(silu)], dim=-1)  # (B, C, 2h)
+                torch.bmm(dpre.transpose(1, 2), x_pad.index_select(0, rows[s0:s1]).view(*shape, d), out=dw13[e0:e1])
                 if dx is not None:
-                    dx.index_add_(0, rows, _times(dpre, w13[e0:e1].transpose(1, 2), block_sizes, grouped))
-        ctx.per_chunk = None
-        dw13 = dw13[0] if len(dw13) == 1 else torch.cat(dw13)
-        dw2 = dw2[0] if len(dw2) == 1 else torch.cat(dw2)
-        return dx, dslot, None, None, dw13[:, :hidden], dw2, dw13[:, hidden:]
+                    dx.index_add_(0, rows[s0:s1], torch.bmm(dpre, w13[e0:e1]).view(-1, d))
+            # back to assignment and expert order; padding slots all land on the extra entry m
+            dslot_of = x_pad.new_zeros(m + 1).index_copy_(0, slots, dslot)
+            dw13_of = x_pad.new_zeros(experts, 2 * hidden, d).index_copy_(0, order, dw13)  # experts with no row: 0
+            dw2_of = x_pad.new_zeros(experts, d, hidden).index_copy_(0, order, dw2)
+        ctx.per_batch = None
+        return (dx[:n] if dx is not None else None, dslot_of[:m], None, None,
+                dw13_of[:, :hidden], dw2_of, dw13_of[:, hidden:])
+
+
+def _spans(batches: list[tuple[list[int], int]]):
+    """(first, end) expert position and (first, end) slot of each batch, in batch order."""
+    expert, slot = 0, 0
+    for members, width in batches:
+        yield expert, expert + len(members), slot, slot + len(members) * width
+        expert, slot = expert + len(members), slot + len(members) * width

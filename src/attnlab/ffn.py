@@ -6,7 +6,7 @@ Every token is scored against ``n_routed_experts`` fine-grained SwiGLU experts, 
 always through the ``n_shared_experts``. Load is balanced by a Switch/GShard auxiliary loss, by
 DeepSeek-V3's loss-free per-expert bias, or both; a capacity factor optionally drops overflow.
 Two dispatches compute the same thing: ``"reference"`` loops over experts with index selection
-(as DeepSeek's reference code), ``"fast"`` sorts assignments by expert and runs grouped matmuls
+(as DeepSeek's reference code), ``"fast"`` sorts assignments by expert and runs padded batched matmuls
 (:mod:`attnlab.expert_dispatch`).
 """
 
@@ -109,7 +109,7 @@ class Gate(nn.Module):
 
 
 class Experts(nn.Module):
-    """``n`` SwiGLU experts stored stacked, (n, out, in) per matrix, so they can run as one grouped matmul."""
+    """``n`` SwiGLU experts stored stacked, (n, out, in) per matrix, so a batch of them runs as one batched matmul."""
 
     def __init__(self, n: int, d_model: int, hidden: int):
         super().__init__()
@@ -211,7 +211,7 @@ class MoE(nn.Module):
         return y.view(shape)
 
     def _route_fast(self, x, weights, indices, counts, capacity):
-        """Sort assignments by expert once, grouped matmuls with a backward that reuses the sort."""
+        """Sort assignments by expert once, batched matmuls with a backward that reuses the sort."""
         order, kept = expert_dispatch.sort_by_expert(indices, counts, capacity)
         token = order // indices.shape[1]  # (M,) token of each kept assignment
         dtype = weights.dtype

@@ -1,5 +1,5 @@
-"""MoE layer speed, forward+backward: the fast dispatch (assignments sorted by expert once, grouped or
-padded-batched matmuls, a backward that reuses the sort) against DeepSeek's reference loop over experts
+"""MoE layer speed, forward+backward: the fast dispatch (assignments sorted by expert once, padded
+batched matmuls, a backward that reuses the sort) against DeepSeek's reference loop over experts
 and against a dense SwiGLU FFN with the same number of *active* parameters ((top-k + shared) ×
 expert_hidden hidden units), in four cases: the compare command's MoE, a DeepSeek-style fine-grained MoE
 at two token counts, and the fine-grained one with a shared expert on a (4, 512) batch. Each case also
@@ -163,10 +163,11 @@ def moe_report(rows: list[dict]) -> BenchReport:
              f"{label.split(':')[0]} {'×'.join(map(str, g[0]['shape']))}: {g[0]['load_imbalance']:.2f}"
              for label, g in groups.items()) + "."),
         ("- fast dispatch (attnlab/expert_dispatch.py): one stable argsort of the (token, slot) assignments by "
-         "expert and one host sync for the counts; then, a chunk of consecutive experts at a time (one core's L2 "
-         f"cache of token rows, {devices.l2_cache_bytes() // 1024} KiB here, so they stay in cache): gather the rows, "
-         "w1|w3 fused into one torch._grouped_mm, SiLU·up, gate weight, w2, index_add_ back; a hand-written backward walks the same chunks. The reference loops "
-         "over experts with torch.where, as DeepSeek-V3's code does."),
+         "expert and one host sync for the counts; experts ranked by load and batched, each padded to its batch's "
+         f"largest, a batch's rows within one core's L2 cache ({devices.l2_cache_bytes() // 1024} KiB here); per batch: "
+         "gather the rows, w1|w3 as one torch.bmm, SiLU·up, gate weight, w2, index_add_ back; a hand-written "
+         "backward walks the same batches. The reference loops over experts with torch.where, as DeepSeek-V3's "
+         "code does."),
     ]
     diffs = [r["max_diff"] for r in rows if r["max_diff"] is not None]
     if diffs:
