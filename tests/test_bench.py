@@ -127,7 +127,7 @@ def test_every_mode_runs_quick_and_writes_well_formed_results(tmp_path):
         assert len(data_rows) == expected_rows[report.mode]
         for row in data_rows:
             for cell in row[1:]:
-                assert re.fullmatch(r"[\d.,]+( M|×|%)?|[\dx×]+|fp32|bf16|eager|compiled|", cell), (report.mode, row)
+                assert re.fullmatch(r"[\d.,]+( M|×|%)?|[\dx×]+|fp32|bf16|eager|compiled|–|", cell), (report.mode, row)
 
 
 def test_attention_rows_are_ratios_to_the_floor_and_their_flops_over_time():

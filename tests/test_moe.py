@@ -268,6 +268,9 @@ def test_benchmark_writes_its_report_at_tiny_size(tmp_path):
     text = paths[0].read_text()
     assert "`bench_moe.py --tiny`" in text and "target ≤ 1.5×" in text and "target ≤ 1×" in text
     assert "FLOP floor ms" in text and "10 GFLOP/s" in text
+    assert "matmuls alone ms" in text and "the fast dispatch's own matmul calls take" in text
+    for r in rows:  # the matmuls alone are a part of the layer's work, for the MoE and the dense FFN alike
+        assert (r["matmuls_ms"] > 0) if r["variant"] != REFERENCE else math.isnan(r["matmuls_ms"])
 
 
 @settings(max_examples=15, deadline=None)
@@ -352,17 +355,29 @@ def test_experts_that_receive_no_token_get_zero_gradients_in_both_dispatches(hid
         assert torch.all(grad[idle] == 0) and grad.abs().sum() > 0
 
 
-def test_expert_batches_hold_every_expert_with_rows_once_ranked_by_load():
+def test_expert_batches_hold_every_expert_with_rows_once_ranked_by_load(monkeypatch):
+    monkeypatch.setattr(expert_dispatch, "MAX_PADDING", 1.0)  # only the budget closes a batch here
     sizes = [3, 0, 5, 0, 0, 2, 7, 5]
-    for budget in (1, 4 * 11, 10**9):
+    for budget in (4 * 11, 4 * 30, 10**9):
         batches = expert_dispatch.expert_batches(sizes, row_bytes=4, budget=budget)
         members = [e for experts, _ in batches for e in experts]
         assert members == [5, 0, 2, 7, 6]  # by rows, ties by id; the empty experts 1, 3, 4 nowhere
         assert all(rows == max(sizes[e] for e in experts) for experts, rows in batches)
         assert all(len(experts) * rows * 4 <= budget for experts, rows in batches if len(experts) > 1)
     assert expert_dispatch.expert_batches(sizes, 4, 10**9) == [([5, 0, 2, 7, 6], 7)]
-    assert len(expert_dispatch.expert_batches(sizes, 4, 1)) == 5  # over budget: one expert per batch
     assert expert_dispatch.expert_batches(sizes, 4, 4 * 11) == [([5, 0], 3), ([2, 7], 5), ([6], 7)]
+    # over budget: one expert per batch, and then in expert order, as nothing is gained by ranking
+    assert expert_dispatch.expert_batches(sizes, 4, 1) == [([0], 3), ([2], 5), ([5], 2), ([6], 7), ([7], 5)]
+
+
+def test_padding_stays_within_its_share_of_every_batch():
+    sizes = [3, 0, 5, 0, 0, 2, 7, 5]
+    assert expert_dispatch.MAX_PADDING == 0.125
+    assert expert_dispatch.expert_batches(sizes, 4, 10**9) == [([5], 2), ([0], 3), ([2, 7], 5), ([6], 7)]
+    loads = torch.randint(30, 60, (64,)).tolist()
+    for experts, rows in expert_dispatch.expert_batches(loads, 512, 10**9):
+        slots = len(experts) * rows
+        assert slots - sum(loads[e] for e in experts) <= 0.125 * slots
 
 
 def test_a_heavy_expert_never_pads_the_light_ones_to_its_size():

@@ -9,15 +9,20 @@ core's L2 cache of rows) gather → w1|w3 → SiLU·up → w2 → scatter stay i
 backward recomputes the cheap parts (the gather, SiLU) instead of keeping them.
 
 A batch holds experts of similar load (experts are ranked by their number of rows), each padded to
-the batch's largest, so one ``bmm`` runs them all: padding is a few percent, and ``bmm`` splits its
-batch over the cores, where per-expert matmuls of 30–200 rows are each too small to thread. Measured
-side by side against the earlier dispatch (``torch._grouped_mm`` per chunk of consecutive experts),
-fp32 fwd+bwd on a 2-core AMD EPYC, 64 experts × 32 top-6: on 2 threads 6.5 ms against 7.5 at 384
-tokens, 17.8 against 18.5 at 2,048, 17.3 against 19.1 with a shared expert on 4×512; on 1 thread it
-is 3–6% slower (28.3 against 26.9 ms at 2,048). From 1 to 2 threads it gains 1.2–1.9× where the
-per-expert matmuls gained 1.0–1.6×, and more cores widen that. Padding slots read a zero row and
-weigh 0, so they add nothing to any output or gradient. w1 and w3 (gate and up) run as one
-(d, 2·hidden) matmul per expert.
+the batch's largest, so one ``bmm`` runs them all: padding is at most an eighth of a batch, and
+``bmm`` splits its batch over the cores, where per-expert matmuls of 30–200 rows are each too small
+to thread. Measured side by side with the earlier dispatch (``torch._grouped_mm`` per chunk of
+consecutive experts) and the reference loop, fp32 fwd+bwd on a 2-core AMD EPYC (ms, this one /
+grouped / reference):
+
+- 2 threads: 64 experts × 32 top-6 on 2,048 tokens 16.8 / 17.0 / 34.3, on 384 tokens 5.6 / 6.9 / 18.6,
+  with a shared expert on 4×512 18.2 / 19.1 / 36.3; the compare's MoE (8 × 128 top-2 + shared)
+  17.8 / 19.6 / 18.7.
+- 1 thread: 26.0 / 24.9 / 41.2, 9.8 / 8.9 / 17.4, 31.7 / 29.2 / 44.9, and 31.1 / 34.5 / 32.7: 4–10%
+  behind on the fine-grained cases, ahead of both on the compare's.
+
+Padding slots read a zero row and weigh 0, so they add nothing to any output or gradient. w1 and w3
+(gate and up) run as one (d, 2·hidden) matmul per expert.
 """
 
 from __future__ import annotations
@@ -44,14 +49,22 @@ def sort_by_expert(indices: torch.Tensor, counts: torch.Tensor,
     return order[rank < capacity], counts.clamp(max=capacity)
 
 
-# Padded rows per batch of experts: the forward and the backward run gather → matmuls → scatter one batch at a
-# time so its token rows (at most this many bytes of them) stay in cache between the steps that reuse them. None
-# (the default) is one core's L2 cache (device.l2_cache_bytes()). Measured (fp32, fwd+bwd, side by side, AMD EPYC
-# with 1 MiB of L2), 64 experts × 32 top-6 on 2,048 tokens: 28.3 / 27.3 / 29.4 ms with all, half and a quarter of
-# the L2 on 1 thread, 17.8 / 19.0 / 21.1 ms on 2 threads; with a shared expert on 4×512 tokens, 2 threads: 17.3 /
-# 19.1 / 21.3 ms. The earlier per-chunk torch._grouped_mm dispatch had been fastest in 2 MiB chunks on an Intel
-# Xeon with 2 MiB of L2 and in 1 MiB ones on this EPYC: the size follows the cache.
+# Bytes of padded rows per batch of experts (a token row and its w1|w3 output): the forward and the backward run
+# gather → matmuls → scatter one batch at a time so those rows stay in cache between the steps that reuse them.
+# None (the default) is one core's L2 cache (device.l2_cache_bytes()). Measured (fp32, fwd+bwd, side by side, AMD
+# EPYC with 1 MiB of L2, when a row's bytes counted only x), 64 experts × 32 top-6 on 2,048 tokens: 28.3 / 27.3 /
+# 29.4 ms with all, half and a quarter of the L2 on 1 thread, 17.8 / 19.0 / 21.1 ms on 2 threads. The earlier
+# per-chunk torch._grouped_mm
+# dispatch had been fastest in 2 MiB chunks on an Intel Xeon with 2 MiB of L2 and in 1 MiB ones on this EPYC:
+# the size follows the cache.
 CHUNK_BYTES: int | None = None
+
+
+# At most this share of a batch's slots is padding. With the compare's MoE (8 experts × 128 on 2,048 tokens,
+# 450–557 rows each, 1 thread) batches of three experts padded by 1–5% took 34.4 ms against 31.0 for the
+# reference loop, and one expert per batch (what this cap and counting the w1|w3 output in a row's bytes give)
+# 31.1; the fine-grained cases were within noise with the cap and without.
+MAX_PADDING = 0.125
 
 
 def batch_budget() -> int:
@@ -64,19 +77,25 @@ def expert_batches(sizes: list[int], row_bytes: int, budget: int | None = None) 
 
     Returns (experts, rows) per batch: each expert's block is padded to ``rows``, the batch's largest, and
     the batch runs as one batched matmul. Ordering by size keeps neighbours alike, so padding stays small;
-    a batch closes before an expert that would take it over the budget (an expert larger than the budget
-    is a batch of its own, with no padding). Experts with no row are in no batch (their gradients are zero).
+    a batch closes before an expert that would take it over the budget or make padding more than
+    MAX_PADDING of its slots (so padding never costs more than that share of any batch, and an expert
+    larger than the budget is a batch of its own). Experts with no row are in no batch (their gradients
+    are zero). When every batch is a single expert, they come in expert order: nothing to reorder.
     """
     budget = batch_budget() if budget is None else budget
     ranked = sorted((e for e, size in enumerate(sizes) if size), key=lambda e: sizes[e])  # stable: ties by id
-    batches, members = [], []
+    batches, members, held = [], [], 0
     for expert in ranked:
-        if members and (len(members) + 1) * sizes[expert] * row_bytes > budget:
+        padded = (len(members) + 1) * sizes[expert]
+        if members and (padded * row_bytes > budget or padded - held - sizes[expert] > MAX_PADDING * padded):
             batches.append((members, sizes[members[-1]]))  # ascending sizes: the last member is the largest
-            members = []
+            members, held = [], 0
         members.append(expert)
+        held += sizes[expert]
     if members:
         batches.append((members, sizes[members[-1]]))
+    if all(len(members) == 1 for members, _ in batches):
+        batches.sort()
     return batches
 
 
@@ -88,7 +107,8 @@ def routed_experts(x: torch.Tensor, slot_weights: torch.Tensor, token: torch.Ten
     rows per expert; w1, w3 (E, hidden, d) and w2 (E, d, hidden) in the compute dtype.
     """
     sizes = counts.tolist()  # the one host sync: the batches are planned from it
-    batches = expert_batches(sizes, x.shape[1] * x.element_size())
+    row_bytes = (x.shape[1] + 2 * w1.shape[1]) * x.element_size()  # a token row and its w1|w3 output stay in cache
+    batches = expert_batches(sizes, row_bytes)
     slots = _padded_slots(sizes, batches, token.device)
     return _BatchedExperts.apply(x, slot_weights, token, (batches, slots), w1, w2, w3)
 
@@ -131,61 +151,68 @@ class _BatchedExperts(torch.autograd.Function):
     def forward(ctx, x, slot_weights, token, plan, w1, w2, w3):
         batches, slots = plan
         n, d, hidden = x.shape[0], x.shape[1], w1.shape[1]
+        order = [e for members, _ in batches for e in members]
+        in_place = order == list(range(w1.shape[0]))  # every expert, in expert order: no weight gather
+        padded = slots.numel() > token.numel()  # else there is no zero row to read or write
         with torch.autocast(x.device.type, enabled=False):
-            order = torch.tensor([e for members, _ in batches for e in members], dtype=torch.long, device=x.device)
+            order = torch.tensor(order, dtype=torch.long, device=x.device)
             rows = torch.cat([token, token.new_full((1,), n)]).index_select(0, slots)  # padding: the zero row n
             weights = torch.cat([slot_weights, slot_weights.new_zeros(1)]).index_select(0, slots)  # padding: 0
-            w13 = torch.cat([w1, w3], dim=1).index_select(0, order)  # (K, 2h, d), K experts with rows, batch order
-            w2s = w2.index_select(0, order)  # (K, d, h)
-            x_pad = _with_zero_row(x)
-            y = x.new_zeros(n + 1, d)
+            w13 = torch.cat([w1, w3], dim=1)  # (E, 2h, d)
+            if not in_place:  # the experts with rows, in batch order
+                w13, w2 = w13.index_select(0, order), w2.index_select(0, order)
+            source = _with_zero_row(x) if padded else x
+            y = x.new_zeros(n + padded, d)
             saved = []
             for (e0, e1, s0, s1), (members, width) in zip(_spans(batches), batches):
                 shape = (len(members), width)
-                weight = weights[s0:s1].view(*shape, 1)
-                pre = torch.bmm(x_pad.index_select(0, rows[s0:s1]).view(*shape, d), w13[e0:e1].transpose(1, 2))
-                gate, up = pre[..., :hidden].contiguous(), pre[..., hidden:].contiguous()  # elementwise runs faster
+                pre = torch.bmm(source.index_select(0, rows[s0:s1]).view(*shape, d), w13[e0:e1].transpose(1, 2))
+                gate, up = pre[..., :hidden], pre[..., hidden:]  # views: no copy
                 silu = F.silu(gate)
                 act = silu * up  # (B, C, h)
-                act.mul_(weight)  # weight before w2: hidden < d_model
-                y.index_add_(0, rows[s0:s1], torch.bmm(act, w2s[e0:e1].transpose(1, 2)).view(-1, d))
+                act.mul_(weights[s0:s1].view(*shape, 1))  # weight before w2: hidden < d_model
+                y.index_add_(0, rows[s0:s1], torch.bmm(act, w2[e0:e1].transpose(1, 2)).view(-1, d))
                 saved.append((gate, up, silu))
-        ctx.save_for_backward(x_pad, slots, rows, weights, order, w13, w2s)
-        ctx.batches, ctx.shapes = batches, (slot_weights.shape[0], w1.shape[0])
+        ctx.save_for_backward(source, slots, rows, weights, order, w13, w2)
+        ctx.batches, ctx.in_place, ctx.shapes = batches, in_place, (slot_weights.shape[0], w1.shape[0], n, padded)
         ctx.per_batch = saved  # intermediates: kept per batch, no copy into one tensor
-        return y[:n]
+        return y[:n] if padded else y
 
     @staticmethod
     def backward(ctx, dy):
-        x_pad, slots, rows, weights, order, w13, w2s = ctx.saved_tensors
-        (m, experts), (n, d), hidden = ctx.shapes, (x_pad.shape[0] - 1, x_pad.shape[1]), w2s.shape[2]
+        source, slots, rows, weights, order, w13, w2 = ctx.saved_tensors
+        (m, experts, n, padded), d, hidden = ctx.shapes, source.shape[1], w2.shape[2]
         with torch.autocast(dy.device.type, enabled=False):
-            dy_pad = _with_zero_row(dy.to(x_pad.dtype))
-            dx = x_pad.new_zeros(n + 1, d) if ctx.needs_input_grad[0] else None
-            dslot = x_pad.new_empty(slots.numel())  # per padded slot, in batch order
-            dw13 = x_pad.new_empty(w13.shape)  # per expert in batch order
-            dw2 = x_pad.new_empty(w2s.shape)
+            dy = dy.to(source.dtype)
+            dy = _with_zero_row(dy) if padded else dy
+            dx = source.new_zeros(n + padded, d) if ctx.needs_input_grad[0] else None
+            dslot = source.new_empty(slots.numel())  # per padded slot, in batch order
+            dw13, dw2 = source.new_empty(w13.shape), source.new_empty(w2.shape)  # per expert, in batch order
             for (e0, e1, s0, s1), (members, width), (gate, up, silu) in zip(_spans(ctx.batches), ctx.batches,
                                                                            ctx.per_batch):
                 shape = (len(members), width)
                 weight = weights[s0:s1].view(*shape, 1)
-                dout = dy_pad.index_select(0, rows[s0:s1]).view(*shape, d)
+                dout = dy.index_select(0, rows[s0:s1]).view(*shape, d)
                 act = silu * up
                 torch.bmm(dout.transpose(1, 2), act * weight, out=dw2[e0:e1])
-                dact = torch.bmm(dout, w2s[e0:e1])  # (B, C, h): d(weighted act)
+                dact = torch.bmm(dout, w2[e0:e1])  # (B, C, h): d(weighted act)
                 torch.sum(dact * act, dim=-1, out=dslot[s0:s1].view(shape))
                 dact.mul_(weight)
-                dpre = torch.cat([torch.ops.aten.silu_backward(dact * up, gate), dact.mul_(silu)], dim=-1)  # (B, C, 2h)
-                torch.bmm(dpre.transpose(1, 2), x_pad.index_select(0, rows[s0:s1]).view(*shape, d), out=dw13[e0:e1])
+                dpre = dact.new_empty(*shape, 2 * hidden)  # (B, C, 2h): d(gate) | d(up), written in place
+                torch.ops.aten.silu_backward.grad_input(dact * up, gate, grad_input=dpre[..., :hidden])
+                torch.mul(dact, silu, out=dpre[..., hidden:])
+                torch.bmm(dpre.transpose(1, 2), source.index_select(0, rows[s0:s1]).view(*shape, d), out=dw13[e0:e1])
                 if dx is not None:
                     dx.index_add_(0, rows[s0:s1], torch.bmm(dpre, w13[e0:e1]).view(-1, d))
             # back to assignment and expert order; padding slots all land on the extra entry m
-            dslot_of = x_pad.new_zeros(m + 1).index_copy_(0, slots, dslot)
-            dw13_of = x_pad.new_zeros(experts, 2 * hidden, d).index_copy_(0, order, dw13)  # experts with no row: 0
-            dw2_of = x_pad.new_zeros(experts, d, hidden).index_copy_(0, order, dw2)
+            dslot = source.new_zeros(m + 1).index_copy_(0, slots, dslot)[:m]
+            if not ctx.in_place:  # experts with no row get zeros
+                dw13 = source.new_zeros(experts, 2 * hidden, d).index_copy_(0, order, dw13)
+                dw2 = source.new_zeros(experts, d, hidden).index_copy_(0, order, dw2)
         ctx.per_batch = None
-        return (dx[:n] if dx is not None else None, dslot_of[:m], None, None,
-                dw13_of[:, :hidden], dw2_of, dw13_of[:, hidden:])
+        if dx is not None and padded:
+            dx = dx[:n]
+        return dx, dslot, None, None, dw13[:, :hidden], dw2, dw13[:, hidden:]
 
 
 def _spans(batches: list[tuple[list[int], int]]):
