@@ -206,13 +206,19 @@ class _BatchedExperts(torch.autograd.Function):
                     dx.index_add_(0, rows[s0:s1], torch.bmm(dpre, w13[e0:e1]).view(-1, d))
             # back to assignment and expert order; padding slots all land on the extra entry m
             dslot = source.new_zeros(m + 1).index_copy_(0, slots, dslot)[:m]
-            if not ctx.in_place:  # experts with no row get zeros
-                dw13 = source.new_zeros(experts, 2 * hidden, d).index_copy_(0, order, dw13)
-                dw2 = source.new_zeros(experts, d, hidden).index_copy_(0, order, dw2)
+            if not ctx.in_place:  # back to expert order; experts with no row get zeros
+                dw13, dw2 = (_in_expert_order(g, order, experts) for g in (dw13, dw2))
         ctx.per_batch = None
         if dx is not None and padded:
             dx = dx[:n]
         return dx, dslot, None, None, dw13[:, :hidden], dw2, dw13[:, hidden:]
+
+
+def _in_expert_order(grad: torch.Tensor, order: torch.Tensor, experts: int) -> torch.Tensor:
+    """Per-expert gradients listed in ``order`` put back in expert order, zeros for experts not in it."""
+    shape = (experts, *grad.shape[1:])
+    out = grad.new_empty(shape) if order.numel() == experts else grad.new_zeros(shape)  # every row written, or not
+    return out.index_copy_(0, order, grad)
 
 
 def _spans(batches: list[tuple[list[int], int]]):

@@ -247,10 +247,8 @@ class MoE(nn.Module):
             self.aux_loss = scores.new_zeros(())
         if self.training and self.bias_update_speed > 0:
             self.load_since_update += counts.to(self.load_since_update.dtype)
-        with torch.no_grad():
-            entropy = -(probs * probs.clamp_min(1e-20).log()).sum(dim=-1).mean()
         kept = counts if capacity is None else counts.clamp(max=capacity)
-        self._stats = (counts, kept, entropy.detach())
+        self._stats = (counts, kept, probs.detach())  # the entropy is computed when last_stats asks for it
 
     def inactive_params(self) -> int:
         """Parameters a token does not use: the routed experts beyond its top-k."""
@@ -265,8 +263,9 @@ class MoE(nn.Module):
         """
         if self._stats is None:
             return {}
-        counts, kept, entropy = self._stats
+        counts, kept, probs = self._stats
         counts_f = counts.float()
+        entropy = -(probs * probs.clamp_min(1e-20).log()).sum(dim=-1).mean()
         return {
             "tokens_per_expert": counts.tolist(),
             "load_imbalance": (counts_f.max() / counts_f.mean()).item(),
