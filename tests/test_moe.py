@@ -321,19 +321,34 @@ def _assert_dispatches_agree(moe, x):
     hidden=st.sampled_from([4, 6, 8]),
     capacity_factor=st.sampled_from([None, 0.5, 1.0]),
     tokens=st.integers(1, 40),
-    chunk_bytes=st.sampled_from([1, 200, 512 * 1024]),  # one expert per batch, a few (padded), all in one
+    batch_bytes=st.sampled_from([1, 200, 512 * 1024]),  # one expert per batch, a few, all in one
+    max_padding=st.sampled_from([0.125, 1.0]),  # the default cap, and padding as much as the budget allows
     shared=st.integers(0, 1),
 )
-def test_fast_equals_reference_over_experts_topk_capacity_tokens_and_chunks(
-        n_experts, top_k, hidden, capacity_factor, tokens, chunk_bytes, shared):
+def test_fast_equals_reference_over_experts_topk_capacity_tokens_and_batches(
+        n_experts, top_k, hidden, capacity_factor, tokens, batch_bytes, max_padding, shared):
     top_k = min(top_k, n_experts)
     moe = MoE(8, n_experts, top_k, hidden, n_shared_experts=shared, capacity_factor=capacity_factor)
-    old = expert_dispatch.CHUNK_BYTES
-    expert_dispatch.CHUNK_BYTES = chunk_bytes
+    old = expert_dispatch.BATCH_BYTES, expert_dispatch.MAX_PADDING
+    expert_dispatch.BATCH_BYTES, expert_dispatch.MAX_PADDING = batch_bytes, max_padding
     try:
         _assert_dispatches_agree(moe, torch.randn(tokens, 8))
     finally:
-        expert_dispatch.CHUNK_BYTES = old
+        expert_dispatch.BATCH_BYTES, expert_dispatch.MAX_PADDING = old
+
+
+def test_padded_batches_match_the_reference_in_outputs_and_gradients(monkeypatch):
+    monkeypatch.setattr(expert_dispatch, "MAX_PADDING", 1.0)
+    monkeypatch.setattr(expert_dispatch, "BATCH_BYTES", 10**6)  # one batch: every expert padded to the largest
+    moe = MoE(8, 6, 2, 8, n_shared_experts=1)
+    x = torch.randn(50, 8)
+    with torch.no_grad():
+        _, indices, _ = moe.gate(x)
+    sizes = torch.bincount(indices.flatten(), minlength=6).tolist()
+    batches = expert_dispatch.expert_batches(sizes, (8 + 16) * 4)
+    assert len(batches) == 1
+    assert any(len(experts) * rows > sum(sizes[e] for e in experts) for experts, rows in batches)  # some padding
+    _assert_dispatches_agree(moe, x)
 
 
 @pytest.mark.parametrize("hidden", [8, 6])
@@ -398,12 +413,12 @@ def test_padded_slots_point_at_each_experts_rows_and_padding_at_m():
 
 def test_batches_are_sized_by_this_machines_l2_cache_unless_set(monkeypatch):
     sizes = [4] * 16  # 64 rows of 1 KiB
-    monkeypatch.setattr(expert_dispatch, "CHUNK_BYTES", None)
+    monkeypatch.setattr(expert_dispatch, "BATCH_BYTES", None)
     monkeypatch.setattr(devices, "l2_cache_bytes", lambda: 16 * 1024)  # 16 rows a batch
     assert [len(experts) * rows for experts, rows in expert_dispatch.expert_batches(sizes, 1024)] == [16] * 4
     monkeypatch.setattr(devices, "l2_cache_bytes", lambda: 64 * 1024)
     assert len(expert_dispatch.expert_batches(sizes, 1024)) == 1
-    monkeypatch.setattr(expert_dispatch, "CHUNK_BYTES", 8 * 1024)  # a set size wins over the cache's
+    monkeypatch.setattr(expert_dispatch, "BATCH_BYTES", 8 * 1024)  # a set size wins over the cache's
     assert len(expert_dispatch.expert_batches(sizes, 1024)) == 8
 
 

@@ -57,7 +57,7 @@ def sort_by_expert(indices: torch.Tensor, counts: torch.Tensor,
 # per-chunk torch._grouped_mm
 # dispatch had been fastest in 2 MiB chunks on an Intel Xeon with 2 MiB of L2 and in 1 MiB ones on this EPYC:
 # the size follows the cache.
-CHUNK_BYTES: int | None = None
+BATCH_BYTES: int | None = None
 
 
 # At most this share of a batch's slots is padding. With the compare's MoE (8 experts × 128 on 2,048 tokens,
@@ -68,8 +68,8 @@ MAX_PADDING = 0.125
 
 
 def batch_budget() -> int:
-    """Bytes of padded token rows per batch of experts: CHUNK_BYTES when set, else one core's L2 cache."""
-    return CHUNK_BYTES if CHUNK_BYTES is not None else device.l2_cache_bytes()
+    """Bytes of padded token rows per batch of experts: BATCH_BYTES when set, else one core's L2 cache."""
+    return BATCH_BYTES if BATCH_BYTES is not None else device.l2_cache_bytes()
 
 
 def expert_batches(sizes: list[int], row_bytes: int, budget: int | None = None) -> list[tuple[list[int], int]]:
