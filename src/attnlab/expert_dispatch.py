@@ -49,14 +49,13 @@ def sort_by_expert(indices: torch.Tensor, counts: torch.Tensor,
     return order[rank < capacity], counts.clamp(max=capacity)
 
 
-# Bytes of padded rows per batch of experts (a token row and its w1|w3 output): the forward and the backward run
-# gather → matmuls → scatter one batch at a time so those rows stay in cache between the steps that reuse them.
-# None (the default) is one core's L2 cache (device.l2_cache_bytes()). Measured (fp32, fwd+bwd, side by side, AMD
-# EPYC with 1 MiB of L2, when a row's bytes counted only x), 64 experts × 32 top-6 on 2,048 tokens: 28.3 / 27.3 /
-# 29.4 ms with all, half and a quarter of the L2 on 1 thread, 17.8 / 19.0 / 21.1 ms on 2 threads. The earlier
-# per-chunk torch._grouped_mm
-# dispatch had been fastest in 2 MiB chunks on an Intel Xeon with 2 MiB of L2 and in 1 MiB ones on this EPYC:
-# the size follows the cache.
+# Bytes of padded rows per batch of experts (a token row and its w1|w3 output, see slot_bytes): the forward and the
+# backward run gather → matmuls → scatter one batch at a time so those rows stay in cache between the steps that
+# reuse them. None (the default) is one core's L2 cache (device.l2_cache_bytes()). Measured (fp32, fwd+bwd, side
+# by side, AMD EPYC with 1 MiB of L2, when a row's bytes counted only x), 64 experts × 32 top-6 on 2,048 tokens:
+# 28.3 / 27.3 / 29.4 ms with all, half and a quarter of the L2 on 1 thread, 17.8 / 19.0 / 21.1 ms on 2 threads.
+# The earlier per-chunk torch._grouped_mm dispatch had been fastest in 2 MiB chunks on an Intel Xeon with 2 MiB
+# of L2 and in 1 MiB ones on this EPYC: the size follows the cache.
 BATCH_BYTES: int | None = None
 
 
@@ -70,6 +69,11 @@ MAX_PADDING = 0.125
 def batch_budget() -> int:
     """Bytes of padded token rows per batch of experts: BATCH_BYTES when set, else one core's L2 cache."""
     return BATCH_BYTES if BATCH_BYTES is not None else device.l2_cache_bytes()
+
+
+def slot_bytes(d_model: int, hidden: int, element_size: int) -> int:
+    """What one slot of a batch keeps in cache: its token row and its w1|w3 output row."""
+    return (d_model + 2 * hidden) * element_size
 
 
 def expert_batches(sizes: list[int], row_bytes: int, budget: int | None = None) -> list[tuple[list[int], int]]:
@@ -107,8 +111,7 @@ def routed_experts(x: torch.Tensor, slot_weights: torch.Tensor, token: torch.Ten
     rows per expert; w1, w3 (E, hidden, d) and w2 (E, d, hidden) in the compute dtype.
     """
     sizes = counts.tolist()  # the one host sync: the batches are planned from it
-    row_bytes = (x.shape[1] + 2 * w1.shape[1]) * x.element_size()  # a token row and its w1|w3 output stay in cache
-    batches = expert_batches(sizes, row_bytes)
+    batches = expert_batches(sizes, slot_bytes(x.shape[1], w1.shape[1], x.element_size()))
     slots = _padded_slots(sizes, batches, token.device)
     return _BatchedExperts.apply(x, slot_weights, token, (batches, slots), w1, w2, w3)
 

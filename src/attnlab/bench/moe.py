@@ -143,7 +143,7 @@ def _matmuls_alone(moe: MoE, dense: SwiGLU, x: torch.Tensor, dtype: torch.dtype,
         _, kept = expert_dispatch.sort_by_expert(indices, counts, capacity)
     sizes = kept.tolist()
     hidden = moe.expert_hidden
-    batches = expert_dispatch.expert_batches(sizes, d * torch.finfo(dtype).bits // 8)
+    batches = expert_dispatch.expert_batches(sizes, expert_dispatch.slot_bytes(d, hidden, torch.finfo(dtype).bits // 8))
 
     def operands(*shapes):
         return [torch.randn(*shape, dtype=dtype, device=x.device) for shape in shapes]
@@ -218,8 +218,9 @@ def moe_report(rows: list[dict]) -> BenchReport:
              f"{label.split(':')[0]} {'×'.join(map(str, g[0]['shape']))}: {g[0]['load_imbalance']:.2f}"
              for label, g in groups.items()) + "."),
         ("- fast dispatch (attnlab/expert_dispatch.py): one stable argsort of the (token, slot) assignments by "
-         "expert and one host sync for the counts; experts ranked by load and batched, each padded to its batch's "
-         f"largest, a batch's rows within one core's L2 cache ({devices.l2_cache_bytes() // 1024} KiB here); per batch: "
+         "expert and one host sync for the counts; experts ranked by load and batched, each padded to its "
+         f"batch's largest, a batch's rows within one core's L2 cache ({devices.l2_cache_bytes() // 1024} KiB here); "
+         "per batch: "
          "gather the rows, w1|w3 as one torch.bmm, SiLU·up, gate weight, w2, index_add_ back; a hand-written "
          "backward walks the same batches. The reference loops over experts with torch.where, as DeepSeek-V3's "
          "code does."),
