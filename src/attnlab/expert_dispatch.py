@@ -167,8 +167,7 @@ class _BatchedExperts(torch.autograd.Function):
             source = _with_zero_row(x) if padded else x
             y = x.new_zeros(n + padded, d)
             saved = []
-            for (e0, e1, s0, s1), (members, width) in zip(_spans(batches), batches):
-                shape = (len(members), width)
+            for e0, e1, s0, s1, shape in _spans(batches):
                 pre = torch.bmm(source.index_select(0, rows[s0:s1]).view(*shape, d), w13[e0:e1].transpose(1, 2))
                 gate, up = pre[..., :hidden], pre[..., hidden:]  # views: no copy
                 silu = F.silu(gate)
@@ -191,9 +190,7 @@ class _BatchedExperts(torch.autograd.Function):
             dx = source.new_zeros(n + padded, d) if ctx.needs_input_grad[0] else None
             dslot = source.new_empty(slots.numel())  # per padded slot, in batch order
             dw13, dw2 = source.new_empty(w13.shape), source.new_empty(w2.shape)  # per expert, in batch order
-            for (e0, e1, s0, s1), (members, width), (gate, up, silu) in zip(_spans(ctx.batches), ctx.batches,
-                                                                           ctx.per_batch):
-                shape = (len(members), width)
+            for (e0, e1, s0, s1, shape), (gate, up, silu) in zip(_spans(ctx.batches), ctx.per_batch):
                 weight = weights[s0:s1].view(*shape, 1)
                 dout = dy.index_select(0, rows[s0:s1]).view(*shape, d)
                 act = silu * up
@@ -225,8 +222,8 @@ def _in_expert_order(grad: torch.Tensor, order: torch.Tensor, experts: int) -> t
 
 
 def _spans(batches: list[tuple[list[int], int]]):
-    """(first, end) expert position and (first, end) slot of each batch, in batch order."""
+    """Per batch, in batch order: (first, end) expert position, (first, end) slot, and its (experts, rows) shape."""
     expert, slot = 0, 0
     for members, width in batches:
-        yield expert, expert + len(members), slot, slot + len(members) * width
+        yield expert, expert + len(members), slot, slot + len(members) * width, (len(members), width)
         expert, slot = expert + len(members), slot + len(members) * width

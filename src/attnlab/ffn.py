@@ -200,15 +200,19 @@ class MoE(nn.Module):
         x = x.reshape(-1, self.d_model)  # (N, d)
         weights, indices, scores = self.gate(x)  # (N, k), (N, k), (N, E)
         counts = torch.bincount(indices.flatten(), minlength=self.n_routed_experts)  # (E,) chosen, before dropping
-        capacity = None
-        if self.capacity_factor is not None:
-            capacity = math.ceil(self.capacity_factor * x.shape[0] * self.n_activated_experts / self.n_routed_experts)
+        capacity = self.capacity(x.shape[0])
         route = self._route_fast if self.dispatch == "fast" else self._route_reference
         y = route(x, weights.to(_compute_dtype(x)), indices, counts, capacity)  # (N, d)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         self._account(scores, counts, capacity)
         return y.view(shape)
+
+    def capacity(self, n_tokens: int) -> int | None:
+        """Assignments each expert keeps from a batch of ``n_tokens`` (None: no capacity limit)."""
+        if self.capacity_factor is None:
+            return None
+        return math.ceil(self.capacity_factor * n_tokens * self.n_activated_experts / self.n_routed_experts)
 
     def _route_fast(self, x, weights, indices, counts, capacity):
         """Sort assignments by expert once, batched matmuls with a backward that reuses the sort."""

@@ -137,10 +137,7 @@ def _matmuls_alone(moe: MoE, dense: SwiGLU, x: torch.Tensor, dtype: torch.dtype,
     with torch.no_grad():
         _, indices, _ = moe.gate(tokens)
         counts = torch.bincount(indices.flatten(), minlength=moe.n_routed_experts)
-        capacity = None
-        if moe.capacity_factor is not None:
-            capacity = math.ceil(moe.capacity_factor * tokens.shape[0] * moe.n_activated_experts / moe.n_routed_experts)
-        _, kept = expert_dispatch.sort_by_expert(indices, counts, capacity)
+        _, kept = expert_dispatch.sort_by_expert(indices, counts, moe.capacity(tokens.shape[0]))
     sizes = kept.tolist()
     hidden = moe.expert_hidden
     batches = expert_dispatch.expert_batches(sizes, expert_dispatch.slot_bytes(d, hidden, torch.finfo(dtype).bits // 8))
